@@ -1,0 +1,39 @@
+"""The `tvae-em` command line: thin click commands that parse options, call the library and print."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import __version__
+from .errors import UserError
+
+
+class _Group(click.Group):
+    """A click group that turns UserError into a one-line message and exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tvae-em")
+def main() -> None:
+    """tvae-em: unsupervised in-plane pose, shift and latent identity of cryo-EM particles.
+
+    \b
+    Typical use:
+      tvae-em preprocess particles.star -o prep/ --size 64
+      tvae-em train prep/particles.star -o run/
+      tvae-em embed run/ prep/particles.star -o embedded.star
+      tvae-em generate run/ -o figs/ --embedding embedded.npz
+    """
+
+
+if __name__ == "__main__":
+    main()
