@@ -1,0 +1,99 @@
+"""ModelConfig: every setting of the TARGET-VAE model, validated and JSON-serialisable."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from ..errors import UserError
+
+LIKELIHOODS = ("gaussian", "bernoulli")
+ROTATION_PRIORS = ("uniform", "gaussian")
+MIN_BOX = 8
+
+
+def default_kernel(box: int) -> int:
+    """Lifting-kernel side for a box: the odd integer nearest 0.55 * box (about the object size)."""
+    k = int(round(0.55 * box))
+    return max(3, k if k % 2 == 1 else k + 1 if k + 1 <= box else k - 1)
+
+
+@dataclass
+class ModelConfig:
+    """Settings of the model; None fields are resolved from `box` when the config is created.
+
+    Save with ``dataclasses.asdict(cfg)`` and load with ``ModelConfig.from_dict(d)``.
+    """
+
+    box: int
+    z_dim: int = 2
+    rotations: int = 8
+    t_sd_px: float | None = None  # sd of the Gaussian shift prior in pixels; None: 0.05 * box
+    r_prior: str = "uniform"  # "uniform" or "gaussian" over the bin centres
+    r_prior_sd: float = math.pi / 4  # radians, for r_prior == "gaussian"
+    likelihood: str = "gaussian"  # "gaussian" or "bernoulli"
+    learn_sigma: bool = False  # Gaussian only: learn one log-sigma instead of unit variance
+    encoder_kernel: int | None = None  # odd lifting-kernel side; None: about 0.55 * box
+    encoder_fields: int = 16  # regular fields (x rotations channels) after the lifting layer
+    encoder_hidden_fields: int = 16  # regular fields of each 1x1 layer
+    encoder_layers: int = 2  # number of 1x1 regular -> regular layers before the heads
+    generator_hidden: int = 512
+    generator_layers: int = 2
+    fourier_features: int = 256
+    fourier_scale_px: float = 2.0  # length scale of the random Fourier features, in pixels
+    pixel_fraction: float = 0.25  # pixels evaluated per training step (1.0 at eval or with a CTF)
+    tau: float = 1.0  # Gumbel-softmax temperature
+    seed: int = 0  # seed of the fixed random initialisation (Fourier features, weights)
+
+    def __post_init__(self) -> None:
+        if self.t_sd_px is None:
+            self.t_sd_px = 0.05 * self.box
+        if self.encoder_kernel is None:
+            self.encoder_kernel = default_kernel(self.box) if self.box >= MIN_BOX else 3
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise UserError naming the first impossible setting."""
+        n = self.rotations
+        if not isinstance(self.box, int) or self.box < MIN_BOX:
+            raise UserError(f"box size {self.box} is too small: the model needs at least {MIN_BOX}")
+        if not isinstance(n, int) or n < 4 or n & (n - 1):
+            raise UserError(f"--rotations must be a power of two >= 4 (4, 8, 16, ...), got {n}")
+        k = self.encoder_kernel
+        if not isinstance(k, int) or k < 3 or k % 2 == 0:
+            raise UserError(f"encoder kernel must be an odd integer >= 3, got {k}")
+        if k > self.box:
+            raise UserError(f"box {self.box} is smaller than the encoder's receptive field {k}")
+        checks = [
+            (self.z_dim >= 1, f"--z-dim must be >= 1, got {self.z_dim}"),
+            (self.t_sd_px > 0, f"--t-sd must be > 0, got {self.t_sd_px}"),
+            (self.r_prior in ROTATION_PRIORS, f"--r-prior must be one of {ROTATION_PRIORS}"),
+            (self.r_prior_sd > 0, f"rotation prior sd must be > 0, got {self.r_prior_sd}"),
+            (self.likelihood in LIKELIHOODS, f"--likelihood must be one of {LIKELIHOODS}"),
+            (self.encoder_fields >= 1, "encoder_fields must be >= 1"),
+            (self.encoder_hidden_fields >= 1, "encoder_hidden_fields must be >= 1"),
+            (self.encoder_layers >= 0, "encoder_layers must be >= 0"),
+            (self.generator_hidden >= 1, "generator_hidden must be >= 1"),
+            (self.generator_layers >= 1, "generator_layers must be >= 1"),
+            (self.fourier_features >= 1, "fourier_features must be >= 1"),
+            (self.fourier_scale_px > 0, "fourier_scale_px must be > 0"),
+            (0 < self.pixel_fraction <= 1, f"pixel_fraction must be in (0, 1], got "
+             f"{self.pixel_fraction}"),
+            (self.tau > 0, f"Gumbel-softmax temperature must be > 0, got {self.tau}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)
+
+    def to_dict(self) -> dict:
+        """Plain dict of every (resolved) setting, for config.json and checkpoints."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        """Rebuild from `to_dict()` output; unknown keys are a UserError (wrong file or version)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"unknown model settings {unknown} in the saved configuration")
+        return cls(**d)

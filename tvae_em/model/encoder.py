@@ -1,0 +1,169 @@
+"""C_N- and translation-equivariant encoder: learned rotated template matching on e2cnn.
+
+One lifting R2Conv (trivial -> regular fields) with a kernel about the object's size, applied as an
+exact linear 'same' correlation through the FFT, then 1x1 regular -> regular R2Convs with LeakyReLU
+(pointwise, so equivariant on regular fields) and 1x1 heads. No stride or pooling: the output maps
+keep the input's pixel grid. The rotation axis is reordered so that rotating the input by
++2*pi/N (``geometry.transform_images``) moves the maps from bin r to bin r + 1.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from e2cnn import gspaces
+from e2cnn import nn as enn
+from torch import nn
+
+from .config import ModelConfig
+
+LEAKY_SLOPE = 0.01
+HEAD_FIELDS_FIXED = 3  # attention logit, rotation offset mean, rotation offset log-sd
+
+
+def _fast_len(n: int) -> int:
+    """Smallest m >= n whose prime factors are 2, 3 and 5 (fast FFT sizes)."""
+    m = n
+    while True:
+        k = m
+        for p in (2, 3, 5):
+            while k % p == 0:
+                k //= p
+        if k == 1:
+            return m
+        m += 1
+
+
+def _non_persistent(module: nn.Module) -> nn.Module:
+    """Keep e2cnn's derived buffers (sampled bases, cached filters) out of the state_dict."""
+    for m in module.modules():
+        m._non_persistent_buffers_set.update(m._buffers.keys())
+    return module
+
+
+def fft_correlate(x: torch.Tensor, filt: torch.Tensor) -> torch.Tensor:
+    """Exact linear 'same' cross-correlation (as F.conv2d, padding k//2) of x with an odd filter.
+
+    x: (B, 1, D, D); filt: (C, 1, k, k) -> (B, C, D, D). Computed in float32 whatever autocast says.
+    """
+    b, _, d, _ = x.shape
+    c, _, k, _ = filt.shape
+    n = _fast_len(d + k - 1)
+    p = k // 2
+    with torch.autocast(x.device.type, enabled=False):
+        # filter placed with its centre at index 0 (wrapped) so output index equals pixel index
+        fpad = F.pad(filt[:, 0].float(), (0, n - k, 0, n - k)).roll((-p, -p), dims=(-2, -1))
+        xf = torch.fft.rfft2(x[:, 0].float(), s=(n, n))  # (B, n, n//2+1)
+        wf = torch.fft.rfft2(fpad).conj()  # (C, n, n//2+1)
+        out = torch.fft.irfft2(xf[:, None] * wf[None], s=(n, n))  # (B, C, n, n)
+        return out[..., :d, :d]
+
+
+class FFTLiftingConv(nn.Module):
+    """Lifting R2Conv (1 trivial -> `fields` regular fields), evaluated by FFT correlation."""
+
+    def __init__(self, gspace, fields: int, kernel: int):
+        super().__init__()
+        in_type = enn.FieldType(gspace, [gspace.trivial_repr])
+        out_type = enn.FieldType(gspace, [gspace.regular_repr] * fields)
+        self.conv = _non_persistent(enn.R2Conv(in_type, out_type, kernel, padding=kernel // 2))
+
+    def train(self, mode: bool = True) -> FFTLiftingConv:
+        """Only flag the mode: e2cnn's eval hook would cache filters we never use."""
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        filt, bias = self.conv.expand_parameters()  # (C, 1, k, k), (C,)
+        return fft_correlate(x, filt) + bias[None, :, None, None]  # (B, C, D, D)
+
+    def export(self) -> nn.Module:
+        """The same layer with a fixed plain-torch filter."""
+        with torch.no_grad():
+            filt, bias = self.conv.expand_parameters()
+        return FixedFFTConv(filt.detach().clone(), bias.detach().clone())
+
+
+class FixedFFTConv(nn.Module):
+    """Exported lifting layer: FFT correlation with a stored filter (no e2cnn)."""
+
+    def __init__(self, filt: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.register_buffer("filt", filt)  # (C, 1, k, k)
+        self.register_buffer("bias", bias)  # (C,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fft_correlate(x, self.filt) + self.bias[None, :, None, None]
+
+
+class Regular1x1(nn.Module):
+    """1x1 R2Conv between regular fields (a group convolution over C_N at every pixel)."""
+
+    def __init__(self, gspace, fields_in: int, fields_out: int):
+        super().__init__()
+        in_type = enn.FieldType(gspace, [gspace.regular_repr] * fields_in)
+        out_type = enn.FieldType(gspace, [gspace.regular_repr] * fields_out)
+        self.conv = _non_persistent(enn.R2Conv(in_type, out_type, 1))
+
+    def train(self, mode: bool = True) -> Regular1x1:
+        """Only flag the mode (see FFTLiftingConv.train)."""
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.conv.expand_parameters()  # (C_out, C_in, 1, 1), (C_out,)
+        return F.conv2d(x, w, b)
+
+    def export(self) -> nn.Module:
+        """A plain nn.Conv2d with the expanded weights."""
+        with torch.no_grad():
+            w, b = self.conv.expand_parameters()
+        conv = nn.Conv2d(w.shape[1], w.shape[0], 1)
+        conv.weight.data.copy_(w)
+        conv.bias.data.copy_(b)
+        return conv
+
+
+class EquivariantEncoder(nn.Module):
+    """Image (B, D, D) -> per-cell maps (B, 3 + 2 * z_dim, N, D, D).
+
+    Output fields: 0 attention logit, 1 rotation offset mean (rad), 2 its log-sd,
+    3 .. 3+z_dim z means, then z log-sds. Axis 2 is the rotation bin r (angle 2*pi*r/N).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        n = cfg.rotations
+        self.rotations = n
+        self.out_fields = HEAD_FIELDS_FIXED + 2 * cfg.z_dim
+        gs = gspaces.Rot2dOnR2(n)
+        layers: list[nn.Module] = [FFTLiftingConv(gs, cfg.encoder_fields, cfg.encoder_kernel)]
+        width = cfg.encoder_fields
+        for _ in range(cfg.encoder_layers):
+            layers += [nn.LeakyReLU(LEAKY_SLOPE), Regular1x1(gs, width, cfg.encoder_hidden_fields)]
+            width = cfg.encoder_hidden_fields
+        layers += [nn.LeakyReLU(LEAKY_SLOPE)]
+        self.body = nn.Sequential(*layers)
+        self.head = Regular1x1(gs, width, self.out_fields)
+        with torch.no_grad():
+            # start with a rotation sd equal to the prior's (pi/N) and z sd of 1
+            self.head.conv.bias[2] = torch.log(torch.tensor(torch.pi / n))
+        # e2cnn's generator rotates the other way in (row, col) arrays: bin r <- e2cnn bin -r
+        self.register_buffer("bin_order", (-torch.arange(n)) % n, persistent=False)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        b, d, _ = y.shape
+        h = self.head(self.body(y[:, None]))  # (B, F * N, D, D), field-major channels
+        h = h.reshape(b, self.out_fields, self.rotations, d, d)
+        return h.index_select(2, self.bin_order)  # (B, F, N, D, D)
+
+    def export(self) -> EquivariantEncoder:
+        """A copy whose e2cnn layers are replaced by plain-torch equivalents (for inference)."""
+        out = copy.deepcopy(self)
+        out.body = nn.Sequential(
+            *[m.export() if isinstance(m, (FFTLiftingConv, Regular1x1)) else m for m in out.body]
+        )
+        out.head = out.head.export()
+        return out

@@ -1,0 +1,423 @@
+"""Data sets with ground truth: glyphs, rotated MNIST (the paper's MNIST(N)/(U)), simulated particles.
+
+Every generator returns ``(images, truth)``: images (n, D, D) float32 and a dict of numpy arrays
+with the true pose of each image in the project's convention (docs/architecture.md): image =
+T(t) R(theta) template, theta (n,) radians, t (n, 2) pixels as (x, y), label (n,) 0-based class.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from .ctf import CtfParams, apply_ctf, compute_ctf
+from .errors import UserError
+from .geometry import transform_images
+
+_CHUNK = 1024  # images per transform call, to bound memory
+
+# ---------------------------------------------------------------------------------------------
+# Glyphs: asymmetric letters drawn from rectangles
+
+# Rectangles (x0, x1, y0, y1) in units of the glyph height, y down (rows), centred near 0.
+GLYPHS: dict[str, list[tuple[float, float, float, float]]] = {
+    "F": [(-0.3, -0.1, -0.5, 0.5), (-0.3, 0.4, -0.5, -0.3), (-0.3, 0.2, -0.1, 0.1)],
+    "L": [(-0.3, -0.1, -0.5, 0.5), (-0.3, 0.4, 0.3, 0.5)],
+    "P": [(-0.3, -0.1, -0.5, 0.5), (-0.3, 0.3, -0.5, -0.3), (0.1, 0.3, -0.5, 0.1), (-0.3, 0.3, -0.1, 0.1)],
+    "T": [(-0.4, 0.4, -0.5, -0.3), (-0.1, 0.1, -0.5, 0.5)],
+    "J": [(0.1, 0.3, -0.5, 0.5), (-0.4, 0.3, 0.3, 0.5)],
+}
+
+
+def render_glyph(name: str, box: int, height: float = 0.5) -> np.ndarray:
+    """A glyph (box, box) float32 in [0, 1], `height` of the box tall, centre of mass at the centre.
+
+    Pixels hold the exact fraction of their area covered by each rectangle (max over rectangles).
+    """
+    if name not in GLYPHS:
+        raise UserError(f"unknown glyph {name!r}; choose from {', '.join(GLYPHS)}")
+    img = _render_rects(GLYPHS[name], box, height * box, (0.0, 0.0))
+    r = np.arange(box) - box // 2
+    centre = (float((img.sum(0) * r).sum() / img.sum()), float((img.sum(1) * r).sum() / img.sum()))
+    return _render_rects(GLYPHS[name], box, height * box, centre)
+
+
+def _render_rects(rects, box: int, scale: float, centre: tuple[float, float]) -> np.ndarray:
+    """Union of rectangles (glyph units * scale, shifted by -centre px) with area coverage."""
+    r = np.arange(box, dtype=np.float64) - box // 2
+    img = np.zeros((box, box))
+    for x0, x1, y0, y1 in rects:
+        cx = _coverage(r, x0 * scale - centre[0], x1 * scale - centre[0])  # (box,) over columns
+        cy = _coverage(r, y0 * scale - centre[1], y1 * scale - centre[1])  # (box,) over rows
+        img = np.maximum(img, cy[:, None] * cx[None, :])
+    return img.astype(np.float32)
+
+
+def _coverage(r: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Length of [lo, hi] inside each unit pixel [r - 0.5, r + 0.5]."""
+    return np.clip(np.minimum(r + 0.5, hi) - np.maximum(r - 0.5, lo), 0.0, 1.0)
+
+
+def glyphs(
+    n: int,
+    box: int = 40,
+    seed: int = 0,
+    n_classes: int = 3,
+    t_sd_px: float = 2.0,
+    height: float = 0.5,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """n glyph images (n, box, box): classes F, L, P, T, J (first n_classes), balanced, each
+    rotated uniformly and shifted by N(0, t_sd_px^2) per axis. truth: theta, t, label, templates."""
+    if not 1 <= n_classes <= len(GLYPHS):
+        raise UserError(f"n_classes must be 1..{len(GLYPHS)}, got {n_classes}")
+    rng = np.random.default_rng(seed)
+    templates = np.stack([render_glyph(g, box, height) for g in list(GLYPHS)[:n_classes]])
+    label = rng.permutation(np.arange(n) % n_classes)
+    theta = rng.uniform(-math.pi, math.pi, n)
+    t = rng.normal(0.0, t_sd_px, (n, 2))
+    images = _pose(templates[label], theta, t)
+    return images, {"theta": theta, "t": t, "label": label, "templates": templates}
+
+
+def _pose(templates: np.ndarray, theta: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """T(t) R(theta) applied to each image (n, D, D), in chunks; float32 numpy out."""
+    out = np.empty(templates.shape, dtype=np.float32)
+    for i in range(0, len(templates), _CHUNK):
+        s = slice(i, i + _CHUNK)
+        out[s] = transform_images(
+            torch.from_numpy(np.ascontiguousarray(templates[s], dtype=np.float32)),
+            torch.from_numpy(theta[s]).float(),
+            torch.from_numpy(t[s]).float(),
+        ).numpy()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# MNIST(N) and MNIST(U)
+
+
+def load_mnist(root: str | Path, split: str = "t10k") -> tuple[np.ndarray, np.ndarray]:
+    """MNIST images (n, 28, 28) uint8 and labels (n,) int64 from the IDX gzip files in root."""
+    root = Path(root)
+    images = _read_idx(root / f"{split}-images-idx3-ubyte.gz", magic=2051)
+    labels = _read_idx(root / f"{split}-labels-idx1-ubyte.gz", magic=2049)
+    if len(images) != len(labels):
+        raise UserError(f"{root}: {len(images)} MNIST images but {len(labels)} labels")
+    return images, labels.astype(np.int64)
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    """An IDX array (big-endian header: magic, then one uint32 per dimension) from a gzip file."""
+    if not path.is_file():
+        raise UserError(f"MNIST file not found: {path} (give the folder with --mnist-dir)")
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    header = np.frombuffer(raw, dtype=">u4", count=1 + ndim)
+    if header[0] != magic:
+        raise UserError(f"{path}: not an MNIST IDX file (magic {header[0]}, expected {magic})")
+    shape = tuple(int(d) for d in header[1:])
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 * (1 + ndim)).reshape(shape)
+
+
+def mnist_rotated(
+    images: np.ndarray,
+    labels: np.ndarray,
+    mode: str = "U",
+    box: int = 50,
+    t_sd_px: float = 2.5,
+    seed: int = 0,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The paper's MNIST(N) (theta ~ N(0, (pi/4)^2)) or MNIST(U) (uniform) digits: padded to
+    box x box, scaled to [0, 1], rotated and shifted by N(0, t_sd_px^2) per axis.
+
+    truth: theta, t, label, and unrotated (n, box, box), the padded digit before its pose.
+    """
+    if mode not in ("N", "U"):
+        raise UserError(f"MNIST mode must be 'N' or 'U', got {mode!r}")
+    n, h, w = images.shape
+    if box < max(h, w):
+        raise UserError(f"box {box} is smaller than the {h}x{w} digits")
+    rng = np.random.default_rng(seed)
+    padded = np.zeros((n, box, box), dtype=np.float32)
+    r0, c0 = box // 2 - h // 2, box // 2 - w // 2  # digit centre pixel -> box centre pixel
+    padded[:, r0 : r0 + h, c0 : c0 + w] = images.astype(np.float32) / 255.0
+    if mode == "N":
+        theta = rng.normal(0.0, math.pi / 4, n)
+    else:
+        theta = rng.uniform(-math.pi, math.pi, n)
+    t = rng.normal(0.0, t_sd_px, (n, 2))
+    out = np.clip(_pose(padded, theta, t), 0.0, 1.0)
+    truth = {"theta": theta, "t": t, "label": np.asarray(labels), "unrotated": padded}
+    return out, truth
+
+
+# ---------------------------------------------------------------------------------------------
+# Simulated particles: projections of a 3D density
+
+
+def blob_volume(size: int = 48, seed: int = 0, n_blobs: int = 14, extent: float = 0.25) -> np.ndarray:
+    """An asymmetric density (size, size, size) float32, axes (z, y, x): a sum of Gaussian blobs
+    of random widths and heights within `extent` * size of the centre (so projections fit)."""
+    rng = np.random.default_rng(seed)
+    r = np.arange(size, dtype=np.float64) - size // 2
+    zz, yy, xx = np.meshgrid(r, r, r, indexing="ij")
+    vol = np.zeros((size, size, size))
+    for _ in range(n_blobs):
+        c = rng.uniform(-1, 1, 3) * extent * size  # (z, y, x) centre
+        sd = rng.uniform(0.04, 0.09) * size
+        d2 = (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2
+        vol += rng.uniform(0.5, 1.0) * np.exp(-d2 / (2 * sd**2))
+    return (vol / vol.max()).astype(np.float32)
+
+
+def load_volume(path: str | Path) -> tuple[np.ndarray, float | None]:
+    """A 3D density (D, D, D) float32 from an MRC file and its voxel size (None if unset/1)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"volume file not found: {path}")
+    try:
+        with mrcfile.open(path, permissive=True) as m:
+            vol = np.asarray(m.data, dtype=np.float32)
+            voxel = float(m.voxel_size.x)
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path}: cannot read as MRC ({e})") from e
+    if vol.ndim != 3 or len(set(vol.shape)) != 1:
+        raise UserError(f"{path}: need a cubic 3D volume, got shape {vol.shape}")
+    return vol, (voxel if voxel > 0 and voxel != 1.0 else None)
+
+
+def euler_matrix(rot: float, tilt: float, psi: float) -> np.ndarray:
+    """Rotation (3, 3) from ZYZ Euler angles in degrees: R = Rz(psi) Ry(tilt) Rz(rot)."""
+    return _rz(psi) @ _ry(tilt) @ _rz(rot)
+
+
+def _rz(deg: float) -> np.ndarray:
+    c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def _ry(deg: float) -> np.ndarray:
+    c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
+    return np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
+
+
+def spread_views(k: int) -> np.ndarray:
+    """k rotations (k, 3, 3) whose viewing directions are spread over the sphere (Fibonacci)."""
+    i = np.arange(k) + 0.5
+    tilt = np.degrees(np.arccos(1 - 2 * i / k))
+    rot = np.degrees(np.pi * (1 + 5**0.5) * i) % 360
+    # R maps the direction (rot, tilt) onto +z, so projecting along z looks along that direction.
+    return np.stack([_ry(-tl) @ _rz(-r) for r, tl in zip(rot, tilt)])
+
+
+def project(volume: np.ndarray, rotations: np.ndarray) -> np.ndarray:
+    """Projections (n, D, D) of volume (D, D, D; axes z, y, x) along z after rotating it by each
+    rotation (n, 3, 3) acting on (x, y, z): image(x, y) = sum_z volume(R^T (x, y, z)).
+
+    Trilinear sampling about the centre voxel D//2; outside the volume is zero.
+    """
+    vol = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
+    d = vol.shape[-1]
+    r = torch.arange(d, dtype=torch.float32) - d // 2
+    zz, yy, xx = torch.meshgrid(r, r, r, indexing="ij")
+    p = torch.stack([xx, yy, zz], -1).reshape(-1, 3)  # (D^3, 3) output (x, y, z)
+    out = []
+    for rot in np.asarray(rotations, dtype=np.float32).reshape(-1, 3, 3):
+        src = p @ torch.from_numpy(rot)  # rows: R^T p
+        grid = (2.0 * (src + d // 2) / (d - 1) - 1.0).reshape(1, d, d, d, 3)
+        sampled = F.grid_sample(vol, grid, mode="bilinear", align_corners=True)[0, 0]
+        out.append(sampled.sum(0))  # sum over z -> (D, D) [y, x]
+    return torch.stack(out).numpy()
+
+
+def fourier_resize(images: np.ndarray, size: int) -> np.ndarray:
+    """Images (n, D, D) resampled to (n, size, size) by cropping/padding the centred spectrum
+    (pixel values preserved: a constant image stays the same constant)."""
+    d = images.shape[-1]
+    if size == d:
+        return images.astype(np.float32)
+    f = torch.fft.fftshift(torch.fft.fft2(torch.from_numpy(images).double()), dim=(-2, -1))
+    m = min(d, size)
+    src = slice(d // 2 - m // 2, d // 2 - m // 2 + m)
+    dst = slice(size // 2 - m // 2, size // 2 - m // 2 + m)
+    g = torch.zeros(images.shape[:-2] + (size, size), dtype=f.dtype)
+    g[..., dst, dst] = f[..., src, src]
+    out = torch.fft.ifft2(torch.fft.ifftshift(g, dim=(-2, -1))).real * (size / d) ** 2
+    return out.float().numpy()
+
+
+def _crop_or_pad(images: np.ndarray, box: int) -> np.ndarray:
+    """Centre crop or zero-pad images (n, D, D) to (n, box, box), keeping pixel D//2 at box//2."""
+    d = images.shape[-1]
+    out = np.zeros(images.shape[:-2] + (box, box), dtype=np.float32)
+    lo_src, lo_dst = max(d // 2 - box // 2, 0), max(box // 2 - d // 2, 0)
+    m = min(d, box)
+    out[..., lo_dst : lo_dst + m, lo_dst : lo_dst + m] = images[..., lo_src : lo_src + m, lo_src : lo_src + m]
+    return out
+
+
+def random_ctf_params(
+    n: int,
+    rng: np.random.Generator,
+    defocus_range_um: tuple[float, float] = (1.0, 2.5),
+    max_astig_A: float = 500.0,
+    volt_kv: float = 300.0,
+    cs_mm: float = 2.7,
+    amp_contrast: float = 0.1,
+) -> CtfParams:
+    """Per-particle CtfParams: defocus uniform in the range, small random astigmatism."""
+    df = rng.uniform(*defocus_range_um, n) * 1e4  # um -> Angstrom
+    astig = rng.uniform(0.0, max_astig_A, n)
+    full = np.full(n, 1.0)
+    return CtfParams(
+        dfu_A=df + astig / 2,
+        dfv_A=df - astig / 2,
+        dfang_deg=rng.uniform(0.0, 180.0, n),
+        volt_kv=volt_kv * full,
+        cs_mm=cs_mm * full,
+        amp_contrast=amp_contrast * full,
+        phase_shift_deg=0 * full,
+        bfactor=0 * full,
+    )
+
+
+def simulate_particles(
+    volume: np.ndarray,
+    n: int,
+    views: np.ndarray | Sequence[Sequence[float]],
+    box: int | None = None,
+    apix: float = 4.0,
+    snr: float = 0.1,
+    defocus_range_um: tuple[float, float] = (1.0, 2.5),
+    ctf: bool = True,
+    t_sd_px: float = 2.0,
+    seed: int = 0,
+    vol_apix: float | None = None,
+) -> tuple[np.ndarray, dict]:
+    """Particle images (n, box, box): projection of one of the views (the classes, balanced),
+    then T(t) R(theta) with uniform theta and t ~ N(0, t_sd_px^2), then the particle's CTF, then
+    Gaussian noise at SNR = signal variance / noise variance (signal over the whole box, averaged
+    over the set); finally scaled so the images have unit variance overall.
+
+    views: (K, 3, 3) rotations or (K, 3) ZYZ Euler angles in degrees. vol_apix: the volume's voxel
+    size when it differs from apix (projections are Fourier-resampled). truth: theta, t, label,
+    templates (K, box, box) CTF-free projections, ctf (CtfParams or None), snr, scale.
+    """
+    rng = np.random.default_rng(seed)
+    templates = _templates(volume, _as_rotations(views), box, apix, vol_apix)
+    k, box = len(templates), templates.shape[-1]
+    label = rng.permutation(np.arange(n) % k)
+    theta = rng.uniform(-math.pi, math.pi, n)
+    t = rng.normal(0.0, t_sd_px, (n, 2))
+    signal = _pose(templates[label], theta, t)  # (n, box, box)
+    params = random_ctf_params(n, rng, defocus_range_um) if ctf else None
+    if params is not None:
+        signal = _apply_ctf_chunked(signal, params, apix)
+    images, scale = _add_noise(signal, snr, rng)
+    truth = {"theta": theta, "t": t, "label": label, "templates": templates}
+    truth.update(ctf=params, snr=snr, scale=scale)
+    return images, truth
+
+
+def _as_rotations(views) -> np.ndarray:
+    """(K, 3, 3) rotations from rotations or (K, 3) Euler angles (degrees)."""
+    v = np.asarray(views, dtype=np.float64)
+    if v.ndim == 3 and v.shape[1:] == (3, 3):
+        return v
+    if v.ndim == 2 and v.shape[1] == 3:
+        return np.stack([euler_matrix(*e) for e in v])
+    raise UserError(f"views must be (K, 3, 3) rotations or (K, 3) Euler angles, got {v.shape}")
+
+
+def _templates(volume, rotations, box, apix, vol_apix) -> np.ndarray:
+    """CTF-free projections (K, box, box) at pixel size apix."""
+    if volume.ndim != 3 or len(set(volume.shape)) != 1:
+        raise UserError(f"need a cubic 3D volume, got shape {volume.shape}")
+    proj = project(volume, rotations)
+    d = volume.shape[-1]
+    if vol_apix is not None and not math.isclose(vol_apix, apix):
+        proj = fourier_resize(proj, max(2, round(d * vol_apix / apix)))
+    return _crop_or_pad(proj, box or proj.shape[-1])
+
+
+def _apply_ctf_chunked(images: np.ndarray, params: CtfParams, apix: float) -> np.ndarray:
+    """Each image (n, D, D) multiplied by its CTF in Fourier space."""
+    out = np.empty_like(images)
+    box = images.shape[-1]
+    for i in range(0, len(images), _CHUNK):
+        idx = np.arange(i, min(i + _CHUNK, len(images)))
+        c = compute_ctf(box, float(apix), params.subset(idx))
+        out[idx] = apply_ctf(torch.from_numpy(images[idx]), c).numpy()
+    return out
+
+
+def _add_noise(signal: np.ndarray, snr: float, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """signal + N(0, var_s / snr) noise, scaled to unit overall variance; returns (images, scale)."""
+    var_s = float(signal.var(axis=(-2, -1)).mean())
+    if snr <= 0:
+        raise UserError(f"--snr must be positive (use inf for no noise), got {snr}")
+    noise_sd = 0.0 if math.isinf(snr) else math.sqrt(var_s / snr)
+    noisy = signal + rng.normal(0.0, 1.0, signal.shape).astype(np.float32) * noise_sd
+    scale = 1.0 / math.sqrt(var_s + noise_sd**2) if var_s + noise_sd**2 > 0 else 1.0
+    return (noisy * scale).astype(np.float32), scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a data set: stack + RELION 3.1 star + truth.csv
+
+
+def truth_table(truth: dict, apix: float) -> pd.DataFrame:
+    """The truth as a table: our pose (theta_rad, tx_px, ty_px), class, and the RELION alignment
+    that undoes it (psi_deg = -theta, originX/Y_A = -t * apix; docs/architecture.md)."""
+    theta, t = np.asarray(truth["theta"]), np.asarray(truth["t"])
+    return pd.DataFrame(
+        {
+            "index": np.arange(len(theta)),
+            "class": np.asarray(truth["label"]),
+            "theta_rad": theta,
+            "tx_px": t[:, 0],
+            "ty_px": t[:, 1],
+            "psi_deg": -np.degrees(theta),
+            "originX_A": -t[:, 0] * apix,
+            "originY_A": -t[:, 1] * apix,
+        }
+    )
+
+
+def star_blocks(
+    n: int, box: int, apix: float, stack_name: str, ctf_params: CtfParams | None = None
+) -> dict[str, pd.DataFrame]:
+    """RELION 3.1 optics and particles blocks for n images in stack_name (defocus when given)."""
+    volt, cs, w = 300.0, 2.7, 0.1
+    if ctf_params is not None:
+        volt, cs, w = (float(x[0]) for x in (ctf_params.volt_kv, ctf_params.cs_mm, ctf_params.amp_contrast))
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroup": [1],
+            "rlnOpticsGroupName": ["opticsGroup1"],
+            "rlnImagePixelSize": [float(apix)],
+            "rlnImageSize": [int(box)],
+            "rlnImageDimensionality": [2],
+            "rlnVoltage": [volt],
+            "rlnSphericalAberration": [cs],
+            "rlnAmplitudeContrast": [w],
+        }
+    )
+    particles = pd.DataFrame(
+        {"rlnImageName": [f"{i + 1:06d}@{stack_name}" for i in range(n)], "rlnOpticsGroup": 1}
+    )
+    if ctf_params is not None:
+        particles["rlnDefocusU"] = ctf_params.dfu_A
+        particles["rlnDefocusV"] = ctf_params.dfv_A
+        particles["rlnDefocusAngle"] = ctf_params.dfang_deg
+        particles["rlnPhaseShift"] = ctf_params.phase_shift_deg
+    return {"optics": optics, "particles": particles}
