@@ -65,10 +65,12 @@ class CtfParams:
         }
 
 
-def electron_wavelength_A(volt_kv):
-    """Relativistic electron wavelength in Angstrom, lambda = 12.2643247 / sqrt(V (1 + 0.978466e-6 V)).
+def electron_wavelength_A(
+    volt_kv: float | np.ndarray | torch.Tensor,
+) -> float | np.ndarray | torch.Tensor:
+    """Relativistic electron wavelength (Angstrom) for volt_kv (kV; floats, arrays or tensors).
 
-    Works on floats, numpy arrays and tensors (V in volts inside, kV as input).
+    lambda = 12.2643247 / sqrt(V (1 + 0.978466e-6 V)) with V in volts (RELION's constants).
     """
     v = volt_kv * 1e3
     return 12.2643247 / (v * (1.0 + 0.978466e-6 * v)) ** 0.5
@@ -140,7 +142,7 @@ def _hermitian(ctf: torch.Tensor) -> torch.Tensor:
 
 
 def apply_ctf(images: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
-    """Multiply real images (B, D, D) by their CTFs (B, D, D) in Fourier space; returns real images."""
+    """Real images (B, D, D) multiplied by their CTFs (B, D, D) in Fourier space (real result)."""
     return torch.fft.ifft2(torch.fft.fft2(images) * ctf).real
 
 
@@ -191,7 +193,9 @@ def _source(stack) -> str:
     return str(getattr(stack, "path", None) or getattr(stack, "source", "the particle file"))
 
 
-def _from_relion(particles: pd.DataFrame, optics: pd.DataFrame | None, src: str) -> CtfParams | None:
+def _from_relion(
+    particles: pd.DataFrame, optics: pd.DataFrame | None, src: str
+) -> CtfParams | None:
     """CtfParams from RELION columns (optics values joined on rlnOpticsGroup where needed)."""
     if "rlnDefocusU" not in particles.columns:
         return None
@@ -218,7 +222,11 @@ def _optics_value(
         return np.full(len(particles), _numeric(optics[column], column, src)[0])
     if "rlnOpticsGroup" not in particles.columns or "rlnOpticsGroup" not in optics.columns:
         raise UserError(f"{src}: cannot match particles to optics groups (no rlnOpticsGroup)")
-    table = dict(zip(optics["rlnOpticsGroup"].astype(int), _numeric(optics[column], column, src)))
+    table = dict(
+        zip(
+            optics["rlnOpticsGroup"].astype(int), _numeric(optics[column], column, src), strict=True
+        )
+    )
     groups = particles["rlnOpticsGroup"].astype(int).to_numpy()
     missing = sorted(set(groups) - set(table))
     if missing:

@@ -148,15 +148,15 @@ def template_correlation(
 
     The model's canonical frame is arbitrary, so each average is searched over n_angles in-plane
     rotations (n_angles=1: no search) and integer shifts up to max_shift_px (circular); no mirror.
-    one_to_one: match averages to templates with the Hungarian algorithm instead of a free maximum.
-    Returns (K,) correlations.
+    one_to_one: match averages to templates with the Hungarian algorithm instead of a free maximum
+    (templates left without an average get NaN). Returns (K,) correlations.
     """
     averages = np.asarray(averages, dtype=np.float32)
     templates = np.asarray(templates, dtype=np.float32)
     if averages.ndim != 3 or templates.ndim != 3 or averages.shape[1:] != templates.shape[1:]:
         raise ValueError(f"need (M, D, D) and (K, D, D), got {averages.shape} {templates.shape}")
     cc = np.stack([_best_cc_over_poses(a, templates, n_angles, max_shift_px) for a in averages])
-    cc = cc.T  # (K, M)
+    cc = cc.T.astype(np.float64)  # (K, M)
     if not one_to_one:
         return cc.max(1)
     rows, cols = linear_sum_assignment(-cc)

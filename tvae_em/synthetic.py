@@ -1,4 +1,4 @@
-"""Data sets with ground truth: glyphs, rotated MNIST (the paper's MNIST(N)/(U)), simulated particles.
+"""Data sets with ground truth: glyphs, the paper's rotated MNIST(N)/(U), simulated particles.
 
 Every generator returns ``(images, truth)``: images (n, D, D) float32 and a dict of numpy arrays
 with the true pose of each image in the project's convention (docs/architecture.md): image =
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .ctf import CtfParams, apply_ctf, compute_ctf
 from .errors import UserError
 from .geometry import transform_images
+from .io import atomic_path, ensure_writable_dir, write_stack, write_star
 
 _CHUNK = 1024  # images per transform call, to bound memory
 
@@ -31,7 +32,12 @@ _CHUNK = 1024  # images per transform call, to bound memory
 GLYPHS: dict[str, list[tuple[float, float, float, float]]] = {
     "F": [(-0.3, -0.1, -0.5, 0.5), (-0.3, 0.4, -0.5, -0.3), (-0.3, 0.2, -0.1, 0.1)],
     "L": [(-0.3, -0.1, -0.5, 0.5), (-0.3, 0.4, 0.3, 0.5)],
-    "P": [(-0.3, -0.1, -0.5, 0.5), (-0.3, 0.3, -0.5, -0.3), (0.1, 0.3, -0.5, 0.1), (-0.3, 0.3, -0.1, 0.1)],
+    "P": [
+        (-0.3, -0.1, -0.5, 0.5),
+        (-0.3, 0.3, -0.5, -0.3),
+        (0.1, 0.3, -0.5, 0.1),
+        (-0.3, 0.3, -0.1, 0.1),
+    ],
     "T": [(-0.4, 0.4, -0.5, -0.3), (-0.1, 0.1, -0.5, 0.5)],
     "J": [(0.1, 0.3, -0.5, 0.5), (-0.4, 0.3, 0.3, 0.5)],
 }
@@ -77,7 +83,7 @@ def glyphs(
     """n glyph images (n, box, box): classes F, L, P, T, J (first n_classes), balanced, each
     rotated uniformly and shifted by N(0, t_sd_px^2) per axis. truth: theta, t, label, templates."""
     if not 1 <= n_classes <= len(GLYPHS):
-        raise UserError(f"n_classes must be 1..{len(GLYPHS)}, got {n_classes}")
+        raise UserError(f"glyphs: --views (classes) must be 1..{len(GLYPHS)}, got {n_classes}")
     rng = np.random.default_rng(seed)
     templates = np.stack([render_glyph(g, box, height) for g in list(GLYPHS)[:n_classes]])
     label = rng.permutation(np.arange(n) % n_classes)
@@ -164,7 +170,9 @@ def mnist_rotated(
 # Simulated particles: projections of a 3D density
 
 
-def blob_volume(size: int = 48, seed: int = 0, n_blobs: int = 14, extent: float = 0.25) -> np.ndarray:
+def blob_volume(
+    size: int = 48, seed: int = 0, n_blobs: int = 14, extent: float = 0.25
+) -> np.ndarray:
     """An asymmetric density (size, size, size) float32, axes (z, y, x): a sum of Gaussian blobs
     of random widths and heights within `extent` * size of the centre (so projections fit)."""
     rng = np.random.default_rng(seed)
@@ -186,7 +194,7 @@ def load_volume(path: str | Path) -> tuple[np.ndarray, float | None]:
         raise UserError(f"volume file not found: {path}")
     try:
         with mrcfile.open(path, permissive=True) as m:
-            vol = np.asarray(m.data, dtype=np.float32)
+            vol = np.array(m.data, dtype=np.float32)  # a copy: writable, file closed
             voxel = float(m.voxel_size.x)
     except (ValueError, OSError) as e:
         raise UserError(f"{path}: cannot read as MRC ({e})") from e
@@ -216,7 +224,7 @@ def spread_views(k: int) -> np.ndarray:
     tilt = np.degrees(np.arccos(1 - 2 * i / k))
     rot = np.degrees(np.pi * (1 + 5**0.5) * i) % 360
     # R maps the direction (rot, tilt) onto +z, so projecting along z looks along that direction.
-    return np.stack([_ry(-tl) @ _rz(-r) for r, tl in zip(rot, tilt)])
+    return np.stack([_ry(-tl) @ _rz(-r) for r, tl in zip(rot, tilt, strict=True)])
 
 
 def project(volume: np.ndarray, rotations: np.ndarray) -> np.ndarray:
@@ -261,7 +269,9 @@ def _crop_or_pad(images: np.ndarray, box: int) -> np.ndarray:
     out = np.zeros(images.shape[:-2] + (box, box), dtype=np.float32)
     lo_src, lo_dst = max(d // 2 - box // 2, 0), max(box // 2 - d // 2, 0)
     m = min(d, box)
-    out[..., lo_dst : lo_dst + m, lo_dst : lo_dst + m] = images[..., lo_src : lo_src + m, lo_src : lo_src + m]
+    out[..., lo_dst : lo_dst + m, lo_dst : lo_dst + m] = images[
+        ..., lo_src : lo_src + m, lo_src : lo_src + m
+    ]
     return out
 
 
@@ -360,8 +370,10 @@ def _apply_ctf_chunked(images: np.ndarray, params: CtfParams, apix: float) -> np
     return out
 
 
-def _add_noise(signal: np.ndarray, snr: float, rng: np.random.Generator) -> tuple[np.ndarray, float]:
-    """signal + N(0, var_s / snr) noise, scaled to unit overall variance; returns (images, scale)."""
+def _add_noise(
+    signal: np.ndarray, snr: float, rng: np.random.Generator
+) -> tuple[np.ndarray, float]:
+    """signal + N(0, var_s / snr) noise, scaled to unit overall variance: (images, scale)."""
     var_s = float(signal.var(axis=(-2, -1)).mean())
     if snr <= 0:
         raise UserError(f"--snr must be positive (use inf for no noise), got {snr}")
@@ -399,7 +411,9 @@ def star_blocks(
     """RELION 3.1 optics and particles blocks for n images in stack_name (defocus when given)."""
     volt, cs, w = 300.0, 2.7, 0.1
     if ctf_params is not None:
-        volt, cs, w = (float(x[0]) for x in (ctf_params.volt_kv, ctf_params.cs_mm, ctf_params.amp_contrast))
+        volt, cs, w = (
+            float(x[0]) for x in (ctf_params.volt_kv, ctf_params.cs_mm, ctf_params.amp_contrast)
+        )
     optics = pd.DataFrame(
         {
             "rlnOpticsGroup": [1],
@@ -421,3 +435,115 @@ def star_blocks(
         particles["rlnDefocusAngle"] = ctf_params.dfang_deg
         particles["rlnPhaseShift"] = ctf_params.phase_shift_deg
     return {"optics": optics, "particles": particles}
+
+
+def write_dataset(
+    out_dir: str | Path,
+    images: np.ndarray,
+    truth: dict,
+    apix: float,
+    ctf_params: CtfParams | None = None,
+    name: str = "particles",
+    float16: bool = False,
+) -> dict[str, Path]:
+    """Write `name`.mrcs, a RELION 3.1 `name`.star (defocus columns when ctf_params is given) and
+    truth.csv (plus templates.mrcs when the truth has templates) into out_dir, each atomically.
+
+    The star holds nothing a real data set would not, so tools see it as real input.
+    """
+    out = ensure_writable_dir(out_dir)
+    n, box = images.shape[0], images.shape[-1]
+    paths = {
+        "stack": out / f"{name}.mrcs",
+        "star": out / f"{name}.star",
+        "truth": out / "truth.csv",
+    }
+    _write_images(paths["stack"], images, apix, float16)
+    write_star(paths["star"], star_blocks(n, box, apix, paths["stack"].name, ctf_params))
+    with atomic_path(paths["truth"]) as tmp:
+        truth_table(truth, apix).to_csv(tmp, index=False, float_format="%.8g")
+    if truth.get("templates") is not None:
+        paths["templates"] = out / "templates.mrcs"
+        _write_images(paths["templates"], np.asarray(truth["templates"]), apix, False)
+    return paths
+
+
+def _write_images(path: Path, images: np.ndarray, apix: float, float16: bool) -> None:
+    """An image stack, float32 through io.write_stack or float16 (MRC mode 12) directly."""
+    n, box = images.shape[0], images.shape[-1]
+    if not float16:
+        chunks = (images[i : i + _CHUNK].astype(np.float32) for i in range(0, n, _CHUNK))
+        write_stack(path, chunks, n, box, apix)
+        return
+    with atomic_path(path) as tmp, mrcfile.new(tmp, data=images.astype(np.float16)) as m:
+        m.set_image_stack()
+        m.voxel_size = apix
+
+
+# ---------------------------------------------------------------------------------------------
+# One call per data set kind (the `tvae-em simulate` command)
+
+KINDS = ("glyphs", "mnist-n", "mnist-u", "particles")
+
+
+def build_dataset(
+    kind: str,
+    out_dir: str | Path,
+    n: int | None = None,
+    box: int | None = None,
+    snr: float | None = None,
+    ctf: bool = True,
+    volume: str | Path | None = None,
+    views: int = 3,
+    mnist_dir: str | Path | None = None,
+    seed: int = 0,
+    apix: float | None = None,
+    t_sd_px: float = 2.0,
+    float16: bool = False,
+) -> dict[str, Path]:
+    """Generate a data set of the given kind with ground truth and write it (see write_dataset)."""
+    if kind not in KINDS:
+        raise UserError(f"unknown data set {kind!r}; choose from {', '.join(KINDS)}")
+    if n is not None and n < 1:
+        raise UserError(f"--n must be at least 1, got {n}")
+    if kind == "particles":
+        images, truth, apix = _build_particles(n, box, snr, ctf, volume, views, seed, apix, t_sd_px)
+    elif kind == "glyphs":
+        images, truth = glyphs(n or 1000, box or 40, seed, n_classes=views, t_sd_px=t_sd_px)
+        if snr is not None:
+            images, _ = _add_noise(images, snr, np.random.default_rng(seed + 1))
+    else:
+        if snr is not None:
+            raise UserError("--snr applies to glyphs and particles, not to MNIST")
+        if mnist_dir is None:
+            raise UserError("MNIST data sets need --mnist-dir (the folder with t10k-*-ubyte.gz)")
+        digits, labels = load_mnist(mnist_dir)
+        if n is not None and n > len(digits):
+            raise UserError(f"--n {n} is more than the {len(digits)} MNIST digits in {mnist_dir}")
+        mode = "N" if kind == "mnist-n" else "U"
+        images, truth = mnist_rotated(digits[:n], labels[:n], mode, box or 50, t_sd_px, seed)
+    return write_dataset(out_dir, images, truth, apix or 1.0, truth.get("ctf"), float16=float16)
+
+
+def _build_particles(n, box, snr, ctf, volume, views, seed, apix, t_sd_px):
+    """Simulated particles from a volume file (or a blob volume): (images, truth, apix)."""
+    if views < 1:
+        raise UserError(f"--views must be at least 1, got {views}")
+    if volume is None:
+        vol, vol_apix = blob_volume(box or 48, seed), None
+    else:
+        vol, vol_apix = load_volume(volume)
+    apix = apix or vol_apix or 4.0
+    images, truth = simulate_particles(
+        vol,
+        n or 1000,
+        spread_views(views),
+        box=box,
+        apix=apix,
+        snr=0.1 if snr is None else snr,
+        ctf=ctf,
+        t_sd_px=t_sd_px,
+        seed=seed,
+        vol_apix=vol_apix,
+    )
+    return images, truth, apix

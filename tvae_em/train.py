@@ -279,7 +279,11 @@ def train(
     progress: Callable[[int, str], Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Train (or resume) a TARGET-VAE on `opts.input`, writing everything under `opts.out_dir`."""
+    """Train (or resume) a TARGET-VAE on `opts.input`, writing everything under `opts.out_dir`.
+
+    `progress(total, description)` is a context manager factory yielding `advance(n)` (as
+    `tvae_em.progress.progress_bar`); it is used on rank 0 only.
+    """
     from .io import ParticleStack
     from .model import ModelConfig, TargetVAE
 
@@ -377,13 +381,15 @@ def train(
     t_start, seen_total, interrupted = time.time(), 0, False
     last_loss = math.nan
     epoch = start_epoch
+    per_rank = -(-n // world)
+    bar = progress if (progress is not None and is_main) else _no_progress
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt(), bar(per_rank * (opts.epochs - start_epoch), "training") as advance:
             for epoch in range(start_epoch + 1, opts.epochs + 1):
                 batches = epoch_batches(n, opts.batch_size, opts.seed, epoch, True, rank, world)
                 sums, seen, t0 = _run_epoch(
                     train_model, optim, make_loader(dataset, batches, opts.num_workers),
-                    epoch, device, use_amp, ctf_src, stack, progress,
+                    epoch, device, use_amp, ctf_src, stack, advance,
                 )
                 sums = _all_reduce(sums, device) if world > 1 else sums
                 total = sums.pop("count")
@@ -490,9 +496,13 @@ def _run_epoch(model, optim, loader, epoch, device, use_amp, ctf_src, stack, pro
             for k in keys[1:]:
                 sums[k] += out[k].float().sum().item()
             sums["count"] += b
-        if progress is not None:
-            progress(b, f"epoch {epoch} loss {loss.item():.4g}")
+        advance(b)
     return sums, seen, t0
+
+
+@contextlib.contextmanager
+def _no_progress(total: int, description: str):
+    yield lambda n: None
 
 
 def _init_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny run folders (untrained model + checkpoint) and small particle sets on disk."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tvae_em import __version__
+from tvae_em.checkpoint import save_checkpoint
+from tvae_em.io import write_stack, write_star
+from tvae_em.model import ModelConfig, TargetVAE
+
+TINY_MODEL = dict(
+    rotations=4,
+    encoder_fields=4,
+    encoder_hidden_fields=4,
+    encoder_layers=1,
+    generator_hidden=32,
+    generator_layers=1,
+    fourier_features=32,
+)
+
+
+def make_run_folder(
+    run_dir: Path,
+    box: int,
+    z_dim: int = 2,
+    ctf: bool = False,
+    norm: tuple[float, float] = (0.0, 1.0),
+    **overrides,
+) -> Path:
+    """A run folder as train.py writes it (config.json + checkpoints/last.pt), untrained weights."""
+    cfg = ModelConfig(box=box, z_dim=z_dim, **{**TINY_MODEL, **overrides})
+    model = TargetVAE(cfg)
+    optim = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optim)
+    opts = {"input": "particles.star", "out_dir": str(run_dir), "ctf": "on" if ctf else "off"}
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optim.state_dict(),
+        "scheduler": sched.state_dict(),
+        "epoch": 1,
+        "best_loss": 0.0,
+        "rng": {},
+        "model_config": asdict(cfg),
+        "train_config": opts,
+        "normalisation": {"mean": norm[0], "sd": norm[1]},
+        "fingerprint": "test",
+        "version": __version__,
+    }
+    save_checkpoint(run_dir / "checkpoints" / "last.pt", payload)
+    config = {"version": __version__, "options": opts, "model_config": asdict(cfg), "ctf": ctf}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    return run_dir
+
+
+def write_particle_set(
+    folder: Path,
+    images: np.ndarray,
+    apix: float,
+    name: str = "particles",
+    extra: dict[str, np.ndarray] | None = None,
+) -> Path:
+    """images (n, D, D) -> folder/name.mrcs + a RELION 3.1 folder/name.star; returns the star."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n, box = images.shape[0], images.shape[-1]
+    write_stack(folder / f"{name}.mrcs", [images.astype(np.float32)], n, box, apix)
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroup": [1],
+            "rlnOpticsGroupName": ["opticsGroup1"],
+            "rlnAmplitudeContrast": [0.1],
+            "rlnSphericalAberration": [2.7],
+            "rlnVoltage": [300.0],
+            "rlnImagePixelSize": [apix],
+            "rlnImageSize": [box],
+            "rlnImageDimensionality": [2],
+        }
+    )
+    particles = pd.DataFrame(
+        {"rlnImageName": [f"{i + 1:06d}@{name}.mrcs" for i in range(n)], "rlnOpticsGroup": 1}
+    )
+    for key, values in (extra or {}).items():
+        particles[key] = values
+    star = folder / f"{name}.star"
+    write_star(star, {"optics": optics, "particles": particles})
+    return star
+
+
+@pytest.fixture
+def make_run(tmp_path):
+    """Factory: make_run(box, **kw) -> a fresh run folder under tmp_path."""
+    counter = iter(range(1000))
+
+    def factory(box: int, **kw) -> Path:
+        return make_run_folder(tmp_path / f"run{next(counter)}", box, **kw)
+
+    return factory
+
+
+@pytest.fixture
+def particle_set():
+    """The `write_particle_set` helper, as a fixture."""
+    return write_particle_set

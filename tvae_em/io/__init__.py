@@ -1,0 +1,32 @@
+"""Particle I/O: RELION stars, cryoSPARC .cs tables, MRC stacks and the lazy ParticleStack."""
+
+from .atomic import atomic_path, atomic_paths, ensure_writable_dir
+from .cs import cs_to_dataframe, cs_to_relion31, dataframe_to_cs, read_cs, write_cs
+from .mrc import StackHeader, open_stack, read_header, write_stack
+from .particles import ParticleStack, relion31_tables, write_particles_star
+from .relion import build_optics, origins_to_angstrom, relion30_to_31
+from .star import read_particles_star, read_star, write_star
+
+__all__ = [
+    "ParticleStack",
+    "StackHeader",
+    "atomic_path",
+    "atomic_paths",
+    "build_optics",
+    "cs_to_dataframe",
+    "cs_to_relion31",
+    "dataframe_to_cs",
+    "ensure_writable_dir",
+    "open_stack",
+    "origins_to_angstrom",
+    "read_cs",
+    "read_header",
+    "read_particles_star",
+    "read_star",
+    "relion30_to_31",
+    "relion31_tables",
+    "write_cs",
+    "write_particles_star",
+    "write_stack",
+    "write_star",
+]

@@ -1,0 +1,179 @@
+"""cryoSPARC .cs particle tables (numpy structured arrays): read, convert, write back.
+
+In the DataFrame form every field is a column; a multi-element field such as
+``alignments2D/shift`` (2,) becomes columns ``alignments2D/shift[0]``, ``alignments2D/shift[1]``;
+byte strings become str. :func:`dataframe_to_cs` reverses this.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import UserError
+from .atomic import atomic_path
+from .relion import build_optics
+
+REQUIRED = ("blob/path", "blob/idx")
+_SUB = re.compile(r"^(.*)\[(\d+)\]$")
+
+
+def read_cs(path: str | os.PathLike) -> np.ndarray:
+    """Load a .cs file as a structured array; UserError if it is not a cryoSPARC particle table."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"cryoSPARC file not found: {path}")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise UserError(f"cannot read cryoSPARC file {path}: {e}") from None
+    if arr.dtype.names is None or arr.ndim != 1:
+        raise UserError(f"{path} is not a cryoSPARC table (not a 1-D numpy structured array)")
+    missing = [f for f in REQUIRED if f not in arr.dtype.names]
+    if missing:
+        raise UserError(f"cryoSPARC file {path} has no {', '.join(missing)} field: no images")
+    if len(arr) == 0:
+        raise UserError(f"cryoSPARC file {path} has no particles")
+    return arr
+
+
+def cs_to_dataframe(arr: np.ndarray) -> pd.DataFrame:
+    """Every field of a .cs array as DataFrame columns (subarrays split, bytes decoded)."""
+    columns: dict[str, np.ndarray] = {}
+    for name in arr.dtype.names:
+        values = arr[name]
+        if values.ndim > 1:
+            flat = values.reshape(len(arr), -1)
+            for i in range(flat.shape[1]):
+                columns[f"{name}[{i}]"] = flat[:, i]
+        elif values.dtype.kind == "S":
+            columns[name] = np.char.decode(values, "utf-8", errors="replace").astype(object)
+        else:
+            columns[name] = values
+    return pd.DataFrame(columns)
+
+
+def _field_groups(columns: list[str]) -> dict[str, list[str]]:
+    """Column names grouped by field: "f[0]", "f[1]" -> "f"; plain names map to themselves."""
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for c in columns:
+        m = _SUB.match(c)
+        field, i = (m.group(1), int(m.group(2))) if m else (c, -1)
+        groups.setdefault(field, []).append((i, c))
+    return {f: [c for _, c in sorted(v)] for f, v in groups.items()}
+
+
+def _column_dtype(values: pd.Series) -> np.dtype:
+    """numpy dtype for one column: strings become fixed-width bytes."""
+    if pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+        return values.to_numpy().dtype
+    width = max(1, int(values.astype(str).str.encode("utf-8").str.len().max()))
+    return np.dtype(f"S{width}")
+
+
+def dataframe_to_cs(df: pd.DataFrame, template: np.dtype | None = None) -> np.ndarray:
+    """Rebuild a structured array from :func:`cs_to_dataframe` columns (plus any new columns).
+
+    Fields of ``template`` keep their dtype and shape (byte strings widened if needed) and order;
+    other columns are appended with dtypes inferred from the DataFrame.
+    """
+    groups = _field_groups(list(df.columns))
+    order = [f for f in (template.names if template is not None else ()) if f in groups]
+    order += [f for f in groups if f not in order]
+    dtypes = []
+    for field in order:
+        cols = groups[field]
+        if template is not None and field in template.names:
+            base, shape = template[field].base, template[field].shape
+            if base.kind == "S":
+                base = np.dtype(f"S{max(base.itemsize, _column_dtype(df[cols[0]]).itemsize)}")
+        else:
+            base = _column_dtype(df[cols[0]]) if len(cols) == 1 else df[cols].to_numpy().dtype
+            shape = () if _SUB.match(cols[0]) is None else (len(cols),)
+        dtypes.append((field, base, shape))
+    out = np.zeros(len(df), dtype=dtypes)
+    for field, base, shape in dtypes:
+        cols = groups[field]
+        if base.kind == "S":
+            out[field] = df[cols[0]].astype(str).str.encode("utf-8").to_numpy()
+        elif shape:
+            out[field] = df[cols].to_numpy().astype(base).reshape(len(df), *shape)
+        else:
+            out[field] = df[cols[0]].to_numpy().astype(base)
+    return out
+
+
+def write_cs(path: str | os.PathLike, table: pd.DataFrame | np.ndarray, template=None) -> None:
+    """Write a .cs file (``np.save`` of a structured array) atomically."""
+    arr = table if isinstance(table, np.ndarray) else dataframe_to_cs(table, template)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
+
+
+def blob_paths(df: pd.DataFrame) -> pd.Series:
+    """blob/path without cryoSPARC's leading '>' marker."""
+    return df["blob/path"].astype(str).str.removeprefix(">")
+
+
+def _col(df: pd.DataFrame, name: str) -> np.ndarray | None:
+    return df[name].to_numpy(np.float64) if name in df else None
+
+
+def cs_to_relion31(
+    df: pd.DataFrame, apix: np.ndarray, box: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """RELION 3.1 (particles, optics) from a cryoSPARC table (pyem csparc2star conventions).
+
+    df1_A/df2_A -> rlnDefocusU/V, df_angle_rad and phase_shift_rad -> degrees, accel_kv/cs_mm/
+    amp_contrast -> optics; alignments2D pose -> rlnAnglePsi (degrees, no sign change), shift (px)
+    -> rlnOrigin[XY]Angst = shift * psize, class (0-based) -> rlnClassNumber (1-based).
+    """
+    n = len(df)
+    idx = df["blob/idx"].to_numpy(np.int64)
+    p = pd.DataFrame(
+        {"rlnImageName": [f"{i + 1:06d}@{s}" for i, s in zip(idx, blob_paths(df), strict=True)]}
+    )
+    if "location/micrograph_path" in df:
+        p["rlnMicrographName"] = df["location/micrograph_path"].astype(str).str.removeprefix(">")
+    if {"location/center_x_frac", "location/micrograph_shape[1]"} <= set(df.columns):
+        p["rlnCoordinateX"] = _col(df, "location/center_x_frac") * _col(
+            df, "location/micrograph_shape[1]"
+        )
+        p["rlnCoordinateY"] = _col(df, "location/center_y_frac") * _col(
+            df, "location/micrograph_shape[0]"
+        )
+    simple = {
+        "ctf/df1_A": ("rlnDefocusU", 1.0),
+        "ctf/df2_A": ("rlnDefocusV", 1.0),
+        "ctf/df_angle_rad": ("rlnDefocusAngle", 180 / np.pi),
+        "ctf/phase_shift_rad": ("rlnPhaseShift", 180 / np.pi),
+        "ctf/bfactor": ("rlnCtfBfactor", 1.0),
+        "ctf/scale": ("rlnCtfScalefactor", 1.0),
+    }
+    for field, (label, factor) in simple.items():
+        if field in df:
+            p[label] = _col(df, field) * factor
+    if "alignments2D/pose" in df:
+        psize = _col(df, "alignments2D/psize_A")
+        psize = np.where(psize > 0, psize, apix) if psize is not None else np.asarray(apix)
+        p["rlnAnglePsi"] = np.degrees(_col(df, "alignments2D/pose"))
+        p["rlnOriginXAngst"] = _col(df, "alignments2D/shift[0]") * psize
+        p["rlnOriginYAngst"] = _col(df, "alignments2D/shift[1]") * psize
+    if "alignments2D/class" in df:
+        p["rlnClassNumber"] = df["alignments2D/class"].to_numpy(np.int64) + 1
+    ctf = pd.DataFrame(index=range(n))
+    for field, label in [
+        ("ctf/accel_kv", "rlnVoltage"),
+        ("ctf/cs_mm", "rlnSphericalAberration"),
+        ("ctf/amp_contrast", "rlnAmplitudeContrast"),
+    ]:
+        if field in df:
+            ctf[label] = _col(df, field)
+    key = df["ctf/exp_group_id"].to_numpy() if "ctf/exp_group_id" in df else None
+    group, optics = build_optics(ctf, apix, box, key=key)
+    p["rlnOpticsGroup"] = group
+    return p, optics

@@ -1,0 +1,408 @@
+"""ParticleStack: a lazy, picklable view of particles from a RELION star, a .cs or a stack."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import UserError
+from . import cs as csio
+from .mrc import StackHeader, open_stack, read_header
+from .relion import origins_to_angstrom, pixel_size_from_relion30, relion30_to_31
+from .star import read_particles_star, write_star
+
+STAR_SUFFIXES = {".star"}
+CS_SUFFIXES = {".cs"}
+STACK_SUFFIXES = {".mrcs", ".mrc"}
+MAX_OPEN_STACKS = 64  # memory maps kept open per process (least recently used are closed)
+
+
+class ParticleStack:
+    """Particles with their metadata, reading pixel data lazily from memory-mapped stacks.
+
+    Opening reads only metadata and stack headers. ``read(indices)`` memory-maps each stack file
+    on first use (per process; the maps are dropped on pickling so DataLoader workers reopen).
+    """
+
+    def __init__(
+        self,
+        *,
+        source: Path,
+        kind: str,
+        particles: pd.DataFrame,
+        optics: pd.DataFrame | None,
+        files: list[str],
+        file_index: np.ndarray,
+        image_index: np.ndarray,
+        box: int,
+        apix: np.ndarray,
+        apix_source: str,
+        headers: list[StackHeader],
+    ) -> None:
+        self.source = source
+        self.kind = kind
+        self.particles = particles
+        self.optics = optics
+        self.files = files  # distinct stack files, resolved
+        self.file_index = file_index  # (n,) index into files
+        self.image_index = image_index  # (n,) 0-based image inside its file
+        self.box = box
+        self._apix = apix  # (n,) NaN where unknown
+        self.apix_source = apix_source
+        self.headers = headers
+        self.cs_dtype: np.dtype | None = None  # original .cs field layout, for writing back
+        self._maps: OrderedDict[int, tuple[object, np.ndarray]] = OrderedDict()
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls, path: str | os.PathLike, datadir: str | os.PathLike | None = None, apix=None
+    ) -> ParticleStack:
+        """Open a .star (RELION 3.0/3.1+), .cs (cryoSPARC) or .mrcs/.mrc stack, without pixel data.
+
+        ``datadir`` is an extra folder to look for stacks in; ``apix`` (Angstrom) overrides every
+        pixel size found in the files.
+        """
+        path = Path(path)
+        if apix is not None and not (np.isfinite(apix) and apix > 0):
+            raise UserError(f"--input-apix must be a positive pixel size in Angstrom, got {apix}")
+        suffix = path.suffix.lower()
+        if suffix not in STAR_SUFFIXES | CS_SUFFIXES | STACK_SUFFIXES:
+            raise UserError(
+                f"unknown input file type '{path.suffix}' for {path}: "
+                "expected .star, .cs, .mrcs or .mrc"
+            )
+        if not path.is_file():
+            raise UserError(f"input file not found: {path}")
+        datadir = Path(datadir) if datadir is not None else None
+        if datadir is not None and not datadir.is_dir():
+            raise UserError(f"--datadir {datadir} is not a folder")
+        if suffix in STAR_SUFFIXES:
+            return cls._open_star(path, datadir, apix)
+        if suffix in CS_SUFFIXES:
+            return cls._open_cs(path, datadir, apix)
+        return cls._open_bare(path, apix)
+
+    @classmethod
+    def _open_star(cls, path: Path, datadir: Path | None, apix) -> ParticleStack:
+        particles, optics, kind = read_particles_star(path)
+        names = particles["rlnImageName"].astype(str)
+        index, stack_names = _split_image_names(names, path)
+        meta = (
+            _optics_pixel_size(particles, optics, path)
+            if optics is not None
+            else pixel_size_from_relion30(particles)
+        )
+        return cls._build(
+            path, kind, particles, optics, index, stack_names, [path.parent], datadir, meta, apix
+        )
+
+    @classmethod
+    def _open_cs(cls, path: Path, datadir: Path | None, apix) -> ParticleStack:
+        arr = csio.read_cs(path)
+        df = csio.cs_to_dataframe(arr)
+        index = df["blob/idx"].to_numpy(np.int64)
+        meta = None
+        if "blob/psize_A" in df:
+            meta = df["blob/psize_A"].to_numpy(np.float64)
+            meta = np.where(np.isfinite(meta) & (meta > 0), meta, np.nan)
+        # cryoSPARC paths are relative to the project folder, usually the .cs file's grandparent.
+        bases = [path.parent, path.parent.parent]
+        stack = cls._build(
+            path, "cryosparc", df, None, index, csio.blob_paths(df), bases, datadir, meta, apix
+        )
+        stack.cs_dtype = arr.dtype
+        if not np.isnan(stack._apix).any():
+            rln, stack.optics = csio.cs_to_relion31(df, stack._apix, stack.box)
+            stack.particles = pd.concat([df, rln], axis=1)
+        return stack
+
+    @classmethod
+    def _open_bare(cls, path: Path, apix) -> ParticleStack:
+        header = read_header(path)
+        names = pd.Series([str(path)] * header.n)
+        particles = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@{path}" for i in range(header.n)]})
+        index = np.arange(header.n, dtype=np.int64)
+        return cls._build(
+            path, "mrcs", particles, None, index, names, [Path.cwd()], None, None, apix
+        )
+
+    @classmethod
+    def _build(
+        cls, path, kind, particles, optics, index, stack_names, bases, datadir, meta_apix, apix
+    ) -> ParticleStack:
+        """Resolve stack files, check their headers against the particles, settle pixel sizes."""
+        codes, uniques = pd.factorize(pd.Series(stack_names).astype(str))
+        files, headers = [], []
+        for code, name in enumerate(uniques):
+            first = int(np.argmax(codes == code))
+            resolved = _resolve(name, bases, datadir)
+            if resolved is None:
+                where = ", ".join(str(b) for b in [*bases, datadir, Path.cwd()] if b is not None)
+                raise UserError(
+                    f"image stack {name} (particle {first + 1} of {path}) not found; "
+                    f"looked in {where} (use --datadir)"
+                )
+            files.append(str(resolved))
+            headers.append(read_header(resolved))
+        box = _check_sizes(headers, path)
+        _check_indices(index, codes, headers, path)
+        apix_arr, source = _settle_apix(meta_apix, apix, codes, headers, len(index))
+        return cls(
+            source=path,
+            kind=kind,
+            particles=particles,
+            optics=optics,
+            files=files,
+            file_index=codes.astype(np.int64),
+            image_index=index.astype(np.int64),
+            box=box,
+            apix=apix_arr,
+            apix_source=source,
+            headers=headers,
+        )
+
+    # ---- the public view --------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.image_index)
+
+    @property
+    def apix(self) -> np.ndarray:
+        """(n,) pixel size in Angstrom of each particle; UserError if some are unknown."""
+        missing = np.isnan(self._apix)
+        if missing.any():
+            i = int(np.argmax(missing))
+            raise UserError(
+                f"no pixel size known for particle {i + 1} ({self.files[self.file_index[i]]}) "
+                f"of {self.source}: give it with --input-apix"
+            )
+        return self._apix
+
+    @property
+    def stack_paths(self) -> np.ndarray:
+        """(n,) resolved stack file of each particle."""
+        return np.asarray(self.files, dtype=object)[self.file_index]
+
+    def read(self, indices) -> np.ndarray:
+        """Images of the given particles as float32 (B, D, D), in the order asked.
+
+        Reads only those images: grouped by stack file, sorted within a file.
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"particle index out of range 0..{len(self) - 1}")
+        out = np.empty((idx.size, self.box, self.box), dtype=np.float32)
+        codes, images = self.file_index[idx], self.image_index[idx]
+        order = np.lexsort((images, codes))
+        bounds = np.flatnonzero(np.diff(codes[order])) + 1
+        for part in np.split(order, bounds) if idx.size else []:
+            data = self._data(int(codes[part[0]]))
+            out[part] = data[images[part]]
+        return out
+
+    def fingerprint(self) -> str:
+        """Short id of the input: kind, source, particle count, box and stack files with sizes."""
+        stacks = [(f, os.path.getsize(f) if os.path.exists(f) else -1) for f in self.files]
+        blob = json.dumps([self.kind, str(self.source.resolve()), len(self), self.box, stacks])
+        return f"{self.kind}:{len(self)}x{self.box}:{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
+
+    def close(self) -> None:
+        """Close every open memory map of this process."""
+        while self._maps:
+            _, (mrc, _) = self._maps.popitem()
+            mrc.close()
+
+    def _data(self, code: int) -> np.ndarray:
+        """The (n, D, D) memory-mapped data of stack file ``code``, opened on first use."""
+        if code in self._maps:
+            self._maps.move_to_end(code)
+            return self._maps[code][1]
+        if len(self._maps) >= MAX_OPEN_STACKS:
+            _, (mrc, _) = self._maps.popitem(last=False)
+            mrc.close()
+        self._maps[code] = open_stack(self.files[code])
+        return self._maps[code][1]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_maps"] = OrderedDict()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"ParticleStack({self.kind}, {self.source}, n={len(self)}, box={self.box})"
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def _split_image_names(names: pd.Series, path: Path) -> tuple[np.ndarray, pd.Series]:
+    """rlnImageName "N@stack" -> (0-based image index, stack name); a bare name means image 1."""
+    parts = names.str.split("@", n=1, expand=True)
+    if parts.shape[1] == 1:
+        parts[1] = None
+    has_at = parts[1].notna().to_numpy()
+    stack = parts[1].where(has_at, parts[0])
+    number = pd.to_numeric(parts[0].where(has_at, "1"), errors="coerce").to_numpy(np.float64)
+    bad = ~np.isfinite(number) | (number < 1) | (number != np.round(number))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise UserError(
+            f"particle {i + 1} of {path} has a bad rlnImageName '{names.iloc[i]}' "
+            "(expected N@stack with N >= 1)"
+        )
+    if (stack.str.len() == 0).any():
+        i = int(np.argmax((stack.str.len() == 0).to_numpy()))
+        raise UserError(
+            f"particle {i + 1} of {path} has no stack file in rlnImageName '{names.iloc[i]}'"
+        )
+    return number.astype(np.int64) - 1, stack
+
+
+def _resolve(name: str, bases: list[Path], datadir: Path | None) -> Path | None:
+    """First existing file among: absolute name; each base / name; datadir / name (or its file
+    name); cwd / name. Returned as an absolute path."""
+    p = Path(name)
+    if p.is_absolute():
+        candidates = [p] + ([datadir / p.name] if datadir is not None else [])
+    else:
+        candidates = [b / p for b in bases]
+        if datadir is not None:
+            candidates += [datadir / p, datadir / p.name]
+        candidates.append(Path.cwd() / p)
+    for c in candidates:
+        if c.is_file():
+            return Path(os.path.abspath(c))
+    return None
+
+
+def _check_sizes(headers: list[StackHeader], path: Path) -> int:
+    """The common square image size of all stacks; UserError naming the stack that differs."""
+    for h in headers:
+        if h.nx != h.ny:
+            raise UserError(f"images in {h.path} are not square ({h.nx}x{h.ny}) (from {path})")
+    first = headers[0]
+    for h in headers[1:]:
+        if h.nx != first.nx:
+            raise UserError(
+                f"images of different sizes in {path}: {first.nx}x{first.nx} in {first.path} "
+                f"but {h.nx}x{h.nx} in {h.path}"
+            )
+    return first.nx
+
+
+def _check_indices(index: np.ndarray, codes: np.ndarray, headers: list[StackHeader], path: Path):
+    """UserError naming the first particle whose image number is beyond its stack's length."""
+    sizes = np.array([h.n for h in headers], dtype=np.int64)
+    bad = (index < 0) | (index >= sizes[codes])
+    if bad.any():
+        i = int(np.argmax(bad))
+        h = headers[codes[i]]
+        raise UserError(
+            f"particle {i + 1} of {path} asks for image {index[i] + 1} "
+            f"but {h.path} has only {h.n} images"
+        )
+
+
+def _optics_pixel_size(
+    particles: pd.DataFrame, optics: pd.DataFrame, path: Path
+) -> np.ndarray | None:
+    """Per-particle pixel size from the RELION 3.1 optics group of each particle."""
+    per_group = pixel_size_from_relion30(optics)
+    if per_group is None:
+        return None
+    if "rlnOpticsGroup" not in particles:
+        if len(optics) == 1:
+            return np.full(len(particles), per_group[0])
+        raise UserError(
+            f"{path} has several optics groups but no rlnOpticsGroup column in particles"
+        )
+    if "rlnOpticsGroup" not in optics:
+        raise UserError(f"the optics block of {path} has no rlnOpticsGroup column")
+    lookup = pd.Series(per_group, index=optics["rlnOpticsGroup"].to_numpy())
+    groups = particles["rlnOpticsGroup"]
+    unknown = ~groups.isin(lookup.index).to_numpy()
+    if unknown.any():
+        i = int(np.argmax(unknown))
+        raise UserError(
+            f"particle {i + 1} of {path} is in optics group {groups.iloc[i]}, not in data_optics"
+        )
+    return lookup.reindex(groups.to_numpy()).to_numpy(np.float64)
+
+
+def _settle_apix(meta, override, codes, headers, n) -> tuple[np.ndarray, str]:
+    """Pixel size per particle: --input-apix, else the file's metadata, else the stack header."""
+    if override is not None:
+        return np.full(n, float(override)), "--input-apix"
+    apix = np.full(n, np.nan) if meta is None else np.asarray(meta, dtype=np.float64).copy()
+    source = "metadata"
+    missing = np.isnan(apix)
+    if missing.any():
+        header = np.array([h.apix if h.apix > 0 else np.nan for h in headers])
+        apix[missing] = header[codes[missing]]
+        source = "MRC header" if missing.all() else "metadata + MRC header"
+    return apix, source
+
+
+# ---- RELION 3.1 output -----------------------------------------------------------------------
+def relion31_tables(stack: ParticleStack) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The RELION 3.1 (particles, optics) view of any input, with the stack's pixel sizes.
+
+    RELION 3.1 input: as read (optics pixel size overridden if --input-apix was given);
+    RELION 3.0 and bare stacks: optics groups built from per-particle values; cryoSPARC: pyem's
+    csparc2star conversion. Non-RELION cryoSPARC fields are left out of the star.
+    """
+    apix = stack.apix
+    if stack.kind == "cryosparc":
+        particles = stack.particles[[c for c in stack.particles.columns if _is_star_label(c)]]
+        return particles.drop(columns=["uid"], errors="ignore").copy(), stack.optics.copy()
+    if stack.kind == "relion31":
+        particles = stack.particles.copy()
+        if "rlnOpticsGroup" not in particles:
+            particles["rlnOpticsGroup"] = int(stack.optics["rlnOpticsGroup"].iloc[0])
+        optics = stack.optics.copy()
+        groups = particles["rlnOpticsGroup"].to_numpy()
+        per_group = pd.Series(apix).groupby(groups).first()
+        optics["rlnImagePixelSize"] = optics["rlnOpticsGroup"].map(per_group).to_numpy(np.float64)
+        if "rlnImageSize" not in optics:
+            optics["rlnImageSize"] = stack.box
+        if "rlnImageDimensionality" not in optics:
+            optics["rlnImageDimensionality"] = 2
+        return origins_to_angstrom(particles, apix), optics
+    return relion30_to_31(stack.particles, apix, stack.box)
+
+
+def _is_star_label(name: str) -> bool:
+    return "/" not in name and "[" not in name
+
+
+def write_particles_star(
+    path: str | os.PathLike,
+    particles: pd.DataFrame,
+    optics: pd.DataFrame | None,
+    apix: np.ndarray | float | None = None,
+    box: int | None = None,
+) -> None:
+    """Write a RELION 3.1 particle star (data_optics + data_particles), atomically.
+
+    Without ``optics`` (a RELION 3.0 table) the optics groups are built from the per-particle
+    columns, with pixel size ``apix`` (or rlnDetectorPixelSize/rlnMagnification) and ``box``.
+    """
+    if optics is None:
+        if box is None:
+            raise ValueError(
+                "write_particles_star needs box to build optics for a RELION 3.0 table"
+            )
+        if apix is None:
+            apix = pixel_size_from_relion30(particles)
+            if apix is None or np.isnan(apix).any():
+                raise UserError(f"no pixel size for the particles of {path}: give --input-apix")
+        apix = np.broadcast_to(np.asarray(apix, dtype=np.float64), (len(particles),))
+        particles, optics = relion30_to_31(particles, apix, box)
+    write_star(path, {"optics": optics, "particles": particles})

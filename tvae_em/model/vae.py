@@ -1,0 +1,133 @@
+"""TargetVAE: equivariant encoder + structured pose posterior + spatial generator + likelihood.
+
+Pose convention (docs/architecture.md): a particle at pose (theta, t) is T(t) R(theta) template, so
+the generator is evaluated at R(-theta)(p - t), in box units (pixel offset / (D/2)).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..geometry import pixel_grid, rotation_matrix
+from .config import ModelConfig
+from .encoder import EquivariantEncoder
+from .generator import SpatialGenerator
+from .likelihood import PixelLikelihood
+from .posterior import (
+    CellPosterior,
+    kl_terms,
+    log_prior_r,
+    log_prior_t,
+    posterior_from_maps,
+    read_out,
+    sample_pose_latent,
+)
+
+
+def apply_ctf(img: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
+    """Multiply (B, D, D) images by a CTF (B, D, D) on the unshifted fft2 grid (float32)."""
+    with torch.autocast(img.device.type, enabled=False):
+        return torch.fft.ifft2(torch.fft.fft2(img.float()) * ctf.float()).real
+
+
+def pose_coordinates(p: torch.Tensor, theta: torch.Tensor, t: torch.Tensor, size: int):
+    """Generator input R(-theta)(p - t) / (size/2) for pixels p (B, P, 2) px -> (B, P, 2)."""
+    rinv = rotation_matrix(-theta.float())  # (B, 2, 2)
+    return torch.einsum("bij,bpj->bpi", rinv, p - t[:, None, :]) / (size / 2)
+
+
+class TargetVAE(nn.Module):
+    """TARGET-VAE for D x D images; see docs/model.md for the model and docs/architecture.md."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.encoder = EquivariantEncoder(cfg)
+            self.generator = SpatialGenerator(
+                cfg.z_dim,
+                cfg.box,
+                cfg.generator_hidden,
+                cfg.generator_layers,
+                cfg.fourier_features,
+                cfg.fourier_scale_px,
+            )
+        self.likelihood = PixelLikelihood(cfg.likelihood, cfg.learn_sigma)
+        n, d = cfg.rotations, cfg.box
+        self.register_buffer("log_pt", log_prior_t(d, cfg.t_sd_px), persistent=False)
+        self.register_buffer(
+            "log_pr", log_prior_r(n, cfg.r_prior, cfg.r_prior_sd), persistent=False
+        )
+        self.register_buffer("grid", pixel_grid(d).reshape(d * d, 2), persistent=False)
+
+    def posterior(self, y: torch.Tensor) -> CellPosterior:
+        """Encode (B, D, D) images into the per-cell posterior."""
+        if y.shape[-2:] != (self.cfg.box, self.cfg.box):
+            raise UserError(f"images are {tuple(y.shape[-2:])}, the model expects box "
+                            f"{self.cfg.box}")
+        return posterior_from_maps(self.encoder(y), self.log_pr)
+
+    def _log_lik(self, y, theta, t, z, ctf, fraction: float) -> torch.Tensor:
+        """(B,) log p(y | pose, z), unbiased from a random pixel subset when fraction < 1."""
+        b, d, _ = y.shape
+        npix = d * d
+        yflat = y.reshape(b, npix).float()
+        if ctf is not None or fraction >= 1.0:
+            nsub, p, ysub = npix, self.grid.expand(b, -1, -1), yflat
+        else:
+            nsub = max(1, round(fraction * npix))
+            idx = torch.rand(b, npix, device=y.device).argsort(1)[:, :nsub]  # (B, n)
+            p, ysub = self.grid[idx], yflat.gather(1, idx)  # (B, n, 2), (B, n)
+        out = self.generator(pose_coordinates(p, theta, t, d), z).float()  # (B, n)
+        if ctf is not None:
+            if self.cfg.likelihood != "gaussian":
+                raise UserError("CTF correction needs the gaussian likelihood (--likelihood)")
+            out = apply_ctf(out.reshape(b, d, d), ctf).reshape(b, npix)
+        return self.likelihood(ysub, out) * (npix / nsub)
+
+    def _elbo(self, y, post, ctf, fraction) -> dict[str, torch.Tensor]:
+        kl_tr, kl_theta, kl_z = kl_terms(post, self.log_pt, self.log_pr)
+        theta, t, z = sample_pose_latent(post, self.cfg.rotations, self.cfg.box, self.cfg.tau)
+        log_lik = self._log_lik(y, theta, t, z, ctf, fraction)
+        elbo = log_lik - kl_tr - kl_theta - kl_z
+        return {"elbo": elbo, "log_lik": log_lik, "kl_tr": kl_tr, "kl_theta": kl_theta,
+                "kl_z": kl_z}
+
+    def forward(self, y: torch.Tensor, ctf: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One-sample ELBO estimate. y (B, D, D) -> dict of (B,) elbo, log_lik, kl_tr, kl_theta, kl_z.
+
+        In training mode without a CTF the likelihood uses `pixel_fraction` of the pixels.
+        """
+        fraction = self.cfg.pixel_fraction if self.training else 1.0
+        return self._elbo(y, self.posterior(y), ctf, fraction)
+
+    def embed(
+        self, y: torch.Tensor, with_elbo: bool = False, ctf: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Per-image pose and latent: theta (B,) rad, t (B, 2) px (x, y), z_mu, z_sd (B, Z),
+        confidence (B,), r (B,) winning bin; and a full-pixel ELBO estimate when asked."""
+        post = self.posterior(y)
+        out = read_out(post, self.cfg.rotations, self.cfg.box)
+        if with_elbo:
+            out["elbo"] = self._elbo(y, post, ctf, 1.0)["elbo"]
+        return out
+
+    def render(
+        self, z: torch.Tensor, theta: torch.Tensor, t: torch.Tensor, size: int | None = None
+    ) -> torch.Tensor:
+        """Image means (B, size, size) of objects z at pose (theta, t) (t in pixels of `size`)."""
+        size = size or self.cfg.box
+        p = pixel_grid(size, z.device).reshape(1, size * size, 2).expand(z.shape[0], -1, -1)
+        out = self.generator(pose_coordinates(p, theta, t, size), z).float()
+        return self.likelihood.mean(out).reshape(-1, size, size)
+
+    def export_for_inference(self) -> TargetVAE:
+        """An equivalent model in eval mode whose e2cnn layers are plain torch."""
+        out = copy.deepcopy(self)
+        out.encoder = self.encoder.export()
+        return out.eval()

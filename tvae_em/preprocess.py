@@ -1,0 +1,360 @@
+"""Particle preprocessing: Fourier-crop downsampling, low-pass, inversion, normalisation (chunked).
+
+Conventions (docs/preprocess.md):
+- Fourier cropping works on the *centred* transform (phase origin at pixel D//2), so the centre
+  pixel D//2 of the input lands on pixel n//2 of the output and RELION origins stay valid.
+- Intensity scaling: real-space values are kept. A band-limited image (no frequency above the
+  new Nyquist) downsampled equals the same continuous function sampled on the coarse grid, so
+  the mean pixel value is kept too.
+- Normalisation (RELION-style): subtract the mean and divide by the standard deviation of the
+  background, the pixels farther than ``mask_radius * D/2`` from the centre pixel.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.fft as sfft
+
+from .errors import UserError
+from .io import (
+    ParticleStack,
+    atomic_paths,
+    dataframe_to_cs,
+    ensure_writable_dir,
+    relion31_tables,
+    write_cs,
+    write_stack,
+    write_star,
+)
+
+DEFAULT_MASK_RADIUS = 0.75  # background = outside 75% of the half box (RELION's default)
+NORM_MODES = ("background", "image")
+_AXES = (-2, -1)
+
+
+# ---- pure image functions ----------------------------------------------------------------------
+def fourier_crop(images: np.ndarray, size: int) -> np.ndarray:
+    """Downsample (B, D, D) images to (B, size, size) by cropping their centred Fourier transform.
+
+    Real-space values are kept (the spectrum is scaled by (size/D)^2). For an even ``size`` the
+    new Nyquist row/column receives both the -size/2 and the +size/2 coefficients (their sum is
+    what a sampled cosine at that frequency shows), so the output is real and band-limited
+    images are reproduced exactly.
+    """
+    d = images.shape[-1]
+    if size > d:
+        raise ValueError(f"fourier_crop cannot enlarge {d} to {size}")
+    if size == d:
+        return np.array(images, dtype=np.float32, copy=True)
+    spec = sfft.fftshift(sfft.fft2(sfft.ifftshift(images, axes=_AXES)), axes=_AXES)  # (B, D, D)
+    start = d // 2 - size // 2
+    crop = spec[..., start : start + size, start : start + size].copy()  # (B, n, n)
+    if size % 2 == 0:
+        crop[..., 0, :] += spec[..., start + size, start : start + size]
+        crop[..., :, 0] += spec[..., start : start + size, start + size]
+        crop[..., 0, 0] += spec[..., start + size, start + size]
+    out = sfft.fftshift(sfft.ifft2(sfft.ifftshift(crop, axes=_AXES)), axes=_AXES).real
+    return (out * (size / d) ** 2).astype(np.float32)
+
+
+def lowpass(
+    images: np.ndarray, apix: float | np.ndarray, resolution_A: float, kind: str = "gaussian"
+) -> np.ndarray:
+    """Low-pass filter (B, D, D) images to ``resolution_A`` Angstrom.
+
+    "gaussian": response exp(-ln2 (s * res)^2), one half at spatial frequency s = 1/res;
+    "hard": keep frequencies up to 1/res only. ``apix`` is a scalar or one value per image.
+    """
+    if kind not in ("gaussian", "hard"):
+        raise ValueError(f"unknown low-pass kind {kind!r}")
+    d = images.shape[-1]
+    f = sfft.fftfreq(d)  # cycles per pixel
+    radius = np.hypot(f[:, None], f[None, :])  # (D, D)
+    apix = np.asarray(apix, dtype=np.float64).reshape(-1, 1, 1)  # (B or 1, 1, 1)
+    s = radius[None] / apix  # (B, D, D) in 1/Angstrom
+    if kind == "gaussian":
+        response = np.exp(-math.log(2.0) * (s * resolution_A) ** 2)
+    else:
+        response = (s <= 1.0 / resolution_A).astype(np.float64)
+    out = sfft.ifft2(sfft.fft2(images) * response.astype(np.float32)).real
+    return out.astype(np.float32)
+
+
+def invert(images: np.ndarray) -> np.ndarray:
+    """Contrast inversion (dark particles become bright and vice versa)."""
+    return -images
+
+
+def background_mask(box: int, mask_radius: float = DEFAULT_MASK_RADIUS) -> np.ndarray:
+    """(D, D) bool: pixels farther than ``mask_radius * D/2`` from the centre pixel (D//2, D//2)."""
+    r = np.arange(box) - box // 2
+    return np.hypot(r[:, None], r[None, :]) > mask_radius * box / 2
+
+
+def normalise(
+    images: np.ndarray, mask_radius: float = DEFAULT_MASK_RADIUS, mode: str = "background"
+) -> np.ndarray:
+    """Zero mean, unit standard deviation per image, measured on the background (RELION-style).
+
+    ``mode="image"`` uses every pixel instead. An image whose background is flat (noise-free
+    simulations) falls back to the whole-image statistics so it is never divided by ~0.
+    """
+    if mode not in NORM_MODES:
+        raise ValueError(f"unknown normalisation mode {mode!r}")
+    x = images.astype(np.float32, copy=False)
+    flat = x.reshape(len(x), -1)  # (B, D*D)
+    whole_sd = flat.std(axis=1, dtype=np.float64)
+    if mode == "image":
+        mean, sd = flat.mean(axis=1, dtype=np.float64), whole_sd
+    else:
+        mask = background_mask(x.shape[-1], mask_radius).reshape(-1)
+        if not mask.any():
+            raise ValueError(f"mask radius {mask_radius} leaves no background pixels")
+        bg = flat[:, mask]  # (B, n_background)
+        mean, sd = bg.mean(axis=1, dtype=np.float64), bg.std(axis=1, dtype=np.float64)
+        sd = np.where(sd > 1e-6 * whole_sd, sd, whole_sd)
+    sd = np.where(sd > 0, sd, 1.0)
+    return ((x - mean[:, None, None]) / sd[:, None, None]).astype(np.float32)
+
+
+def bad_image_reasons(images: np.ndarray) -> list[str | None]:
+    """Per image: None if usable, else why not (NaN/Inf pixels, or a constant image)."""
+    flat = images.reshape(len(images), -1)
+    finite = np.isfinite(flat).all(axis=1)
+    reasons: list[str | None] = [None] * len(images)
+    for i in np.flatnonzero(~finite):
+        kinds = [
+            k
+            for k, bad in (("NaN", np.isnan(flat[i]).any()), ("Inf", np.isinf(flat[i]).any()))
+            if bad
+        ]
+        reasons[i] = f"{'/'.join(kinds)} pixels"
+    ok = np.flatnonzero(finite)
+    if ok.size:
+        constant = flat[ok].min(axis=1) == flat[ok].max(axis=1)
+        for i in ok[constant]:
+            reasons[i] = "a constant image (no signal)"
+    return reasons
+
+
+# ---- sizes -----------------------------------------------------------------------------------
+def output_size(
+    box: int, apix_in: np.ndarray, size: int | None = None, apix: float | None = None
+) -> int:
+    """Output box from --size or a target --apix (rounded to an even size); UserError if invalid."""
+    if size is not None and apix is not None:
+        raise UserError("give --size or --apix, not both")
+    if apix is not None:
+        values = np.unique(np.round(np.asarray(apix_in, dtype=np.float64), 4))
+        if len(values) > 1:
+            shown = ", ".join(f"{v:g}" for v in values[:4])
+            raise UserError(
+                f"--apix needs one input pixel size but the input has {shown} A; use --size"
+            )
+        if not apix > 0:
+            raise UserError(f"--apix must be positive, got {apix}")
+        size = 2 * int(round(box * values[0] / apix / 2))
+        if size > box:
+            raise UserError(
+                f"--apix {apix:g} is finer than the input pixel size {values[0]:g} A (box {box}): "
+                "preprocess only downsamples"
+            )
+        if size < 2:
+            raise UserError(f"--apix {apix:g} would leave fewer than 2 pixels (input box {box})")
+        return size
+    if size is None:
+        return box
+    if size > box:
+        raise UserError(f"--size {size} is larger than the input images ({box}x{box})")
+    if size < 2 or size % 2:
+        raise UserError(f"--size {size} must be a positive even number")
+    return size
+
+
+# ---- the chunked driver --------------------------------------------------------------------------
+@dataclass
+class PreprocessSummary:
+    """What preprocess_stack did."""
+
+    n_in: int
+    n_out: int
+    box_in: int
+    box_out: int
+    apix_in: list[float]
+    apix_out: list[float]
+    seconds: float
+    star: Path
+    stack: Path
+    cs: Path | None = None
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # (0-based particle, reason)
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self.skipped)
+
+    @property
+    def particles_per_s(self) -> float:
+        return self.n_in / self.seconds if self.seconds > 0 else float("inf")
+
+    def one_line(self) -> str:
+        """Human summary for the end of a CLI run."""
+        a_in = "/".join(f"{a:.4g}" for a in self.apix_in)
+        a_out = "/".join(f"{a:.4g}" for a in self.apix_out)
+        return (
+            f"Wrote {self.n_out} particles ({self.n_skipped} skipped), "
+            f"{self.box_in}->{self.box_out} px, {a_in}->{a_out} A/px, in {self.seconds:.1f} s "
+            f"({self.particles_per_s:.0f} particles/s): {self.star}"
+        )
+
+
+def process_images(
+    images: np.ndarray,
+    size: int,
+    apix_out: np.ndarray,
+    invert_contrast: bool = False,
+    lowpass_A: float | None = None,
+    mask_radius: float = DEFAULT_MASK_RADIUS,
+    norm: str = "background",
+) -> np.ndarray:
+    """Crop -> (low-pass) -> (invert) -> normalise a (B, D, D) chunk; returns (B, size, size)."""
+    x = fourier_crop(images, size)
+    if lowpass_A is not None:
+        x = lowpass(x, apix_out, lowpass_A)
+    if invert_contrast:
+        x = invert(x)
+    return normalise(x, mask_radius, norm)
+
+
+def preprocess_stack(
+    stack: ParticleStack,
+    out_dir: str | Path,
+    size: int | None = None,
+    apix: float | None = None,
+    invert: bool = False,
+    lowpass_A: float | None = None,
+    skip_bad: bool = False,
+    chunk_size: int = 1000,
+    progress: Callable[[int], None] | None = None,
+    mask_radius: float = DEFAULT_MASK_RADIUS,
+    norm: str = "background",
+) -> PreprocessSummary:
+    """Preprocess every particle into out_dir/particles.mrcs + particles.star (+ .cs for .cs input).
+
+    Reads, processes and writes ``chunk_size`` particles at a time, so memory is bounded by the
+    chunk. Outputs are written under temporary names and renamed only when everything succeeded.
+    """
+    t0 = time.perf_counter()
+    if chunk_size < 1:
+        raise UserError(f"--chunk-size must be at least 1, got {chunk_size}")
+    apix_in = stack.apix
+    box_out = output_size(stack.box, apix_in, size, apix)
+    scale = stack.box / box_out
+    apix_out = apix_in * scale
+    nyquist = 2 * float(apix_out.max())
+    if lowpass_A is not None and not lowpass_A >= nyquist:
+        raise UserError(
+            f"--lowpass {lowpass_A:g} A is finer than the output's Nyquist limit {nyquist:.3g} A "
+            f"(2 x {nyquist / 2:.3g} A/px)"
+        )
+    out_dir = ensure_writable_dir(out_dir)
+    finals = [out_dir / "particles.mrcs", out_dir / "particles.star"]
+    if stack.kind == "cryosparc":
+        finals.append(out_dir / "particles.cs")
+    kept: list[np.ndarray] = []
+    skipped: list[tuple[int, str]] = []
+    options = dict(invert_contrast=invert, lowpass_A=lowpass_A, mask_radius=mask_radius, norm=norm)
+
+    def chunks() -> Iterator[np.ndarray]:
+        for start in range(0, len(stack), chunk_size):
+            idx = np.arange(start, min(len(stack), start + chunk_size))
+            raw = stack.read(idx)  # (B, D, D)
+            reasons = bad_image_reasons(raw)
+            good = np.array([r is None for r in reasons])
+            out = process_images(raw[good], box_out, apix_out[idx[good]], **options)
+            late = bad_image_reasons(out)  # e.g. overflow to Inf in the FFT
+            for j, r in zip(np.flatnonzero(good), late, strict=True):
+                if r is not None:
+                    reasons[j], good[j] = r, False
+            out = out[[r is None for r in late]]
+            for j in np.flatnonzero(~good):
+                _bad_particle(stack, int(idx[j]), reasons[j], skip_bad)
+                skipped.append((int(idx[j]), reasons[j]))
+            kept.append(idx[good])
+            yield out
+            if progress is not None:
+                progress(len(idx))
+
+    with atomic_paths(finals) as tmps:
+        n_out = write_stack(tmps[0], chunks(), len(stack), box_out, float(apix_out[0]))
+        if n_out == 0:
+            raise UserError(f"no usable particles in {stack.source}: all {len(stack)} are bad")
+        keep = np.concatenate(kept)
+        particles, optics = _output_tables(stack, keep, box_out, scale, finals[0].name)
+        write_star(tmps[1], {"optics": optics, "particles": particles})
+        if stack.kind == "cryosparc":
+            write_cs(tmps[2], _output_cs(stack, keep, box_out, scale, finals[0].name))
+    return PreprocessSummary(
+        n_in=len(stack),
+        n_out=n_out,
+        box_in=stack.box,
+        box_out=box_out,
+        apix_in=sorted(set(np.round(apix_in, 4).tolist())),
+        apix_out=sorted(set(np.round(apix_out, 4).tolist())),
+        seconds=time.perf_counter() - t0,
+        star=finals[1],
+        stack=finals[0],
+        cs=finals[2] if len(finals) > 2 else None,
+        skipped=skipped,
+    )
+
+
+def _bad_particle(stack: ParticleStack, i: int, reason: str, skip_bad: bool) -> None:
+    """UserError naming a bad particle, unless bad particles are being skipped."""
+    if not skip_bad:
+        file = stack.files[stack.file_index[i]]
+        raise UserError(
+            f"particle {i + 1} (image {stack.image_index[i] + 1} of {file}) has {reason}; "
+            "use --skip-bad to drop such particles"
+        )
+
+
+def _output_tables(
+    stack: ParticleStack, keep: np.ndarray, box_out: int, scale: float, stack_name: str
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """RELION 3.1 tables for the kept particles, pointing at the new stack and pixel size."""
+    particles, optics = relion31_tables(stack)
+    particles = particles.iloc[keep].reset_index(drop=True)
+    particles["rlnImageName"] = [f"{k:06d}@{stack_name}" for k in range(1, len(keep) + 1)]
+    optics = optics.copy()
+    optics["rlnImagePixelSize"] = optics["rlnImagePixelSize"].to_numpy(np.float64) * scale
+    optics["rlnImageSize"] = box_out
+    return particles, optics
+
+
+def _output_cs(
+    stack: ParticleStack, keep: np.ndarray, box_out: int, scale: float, stack_name: str
+) -> np.ndarray:
+    """The input .cs rows that were kept, every field kept, blob/* and 2D/3D shifts updated."""
+    cs_cols = [c for c in stack.particles.columns if "/" in c or c == "uid"]
+    df = stack.particles[cs_cols].iloc[keep].reset_index(drop=True).copy()
+    apix_out = stack.apix[keep] * scale
+    df["blob/path"] = stack_name
+    df["blob/idx"] = np.arange(len(keep), dtype=df["blob/idx"].dtype)
+    for c in ("blob/shape[0]", "blob/shape[1]"):
+        if c in df:
+            df[c] = np.full(len(keep), box_out, dtype=df[c].dtype)
+    if "blob/psize_A" in df:
+        df["blob/psize_A"] = apix_out.astype(df["blob/psize_A"].dtype)
+    for c in df.columns:
+        if c.startswith("alignments") and "/shift[" in c:
+            df[c] = (df[c].to_numpy(np.float64) / scale).astype(df[c].dtype)
+        elif c.startswith("alignments") and c.endswith("/psize_A"):
+            df[c] = apix_out.astype(df[c].dtype)
+    return dataframe_to_cs(df, stack.cs_dtype)
