@@ -300,5 +300,63 @@ def train(ctx: click.Context, input, out_dir, resume, **kw) -> None:
     )
 
 
+@main.command()
+@click.argument("run_dir", metavar="RUN", type=click.Path())
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out_star", required=True, type=click.Path(dir_okay=False),
+              help="Output RELION 3.1 star (.star); OUT.npz is written next to it.")
+@click.option("--classes", type=int, help="k-means classes in z space -> rlnClassNumber (1-based).")
+@click.option("--original", type=click.Path(dir_okay=False),
+              help="Full-size star/cs that INPUT was preprocessed from (same particles, same "
+              "order): also write its rows with these poses, origins at its pixel size.")
+@click.option("--original-out", type=click.Path(dir_okay=False),
+              help="Star for --original. [default: OUT_original.star]")
+@click.option("--cs", "cs_out", type=click.Path(dir_okay=False),
+              help="Also write a cryoSPARC .cs (of --original when given, else of INPUT).")
+@click.option("--npz", "npz_out", type=click.Path(dir_okay=False),
+              help="Arrays for scripting. [default: OUT with .npz]")
+@click.option("--batch-size", type=int, default=128, show_default=True, help="Particles per batch.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
+@click.option("--num-workers", type=int, default=0, show_default=True,
+              help="Data-loading worker processes.")
+@click.option("--elbo/--no-elbo", "with_elbo", default=True, show_default=True,
+              help="Per-particle ELBO (renders every particle: about half the time).")
+@click.option("--checkpoint", type=click.Choice(["last", "best"]), default="last",
+              show_default=True, help="Which checkpoint of RUN to use.")
+@click.option("--datadir", type=click.Path(file_okay=False), help="Folder to find stacks in.")
+@click.option("--input-apix", type=float, help="Pixel size in A of INPUT (overrides the files).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of k-means and of the ELBO's sample.")
+def embed(run_dir, input_path, out_star, **kw) -> None:
+    """Per-particle in-plane angle, shift, latent z, confidence and ELBO -> RELION/cryoSPARC.
+
+    RUN is a training run folder; INPUT the particles (.star, .cs, .mrcs) at the model's box
+    size. The star keeps every input column and optics group; rlnAnglePsi, rlnOriginX/YAngst
+    (and rlnClassNumber with --classes) are replaced. See docs/outputs.md.
+
+    \b
+    Example:
+      tvae-em embed run/ prep/particles.star -o embedded.star --classes 10
+      tvae-em embed run/ prep/particles.star -o embedded.star \\
+          --original Extract/job012/particles.star --cs embedded.cs
+    """
+    from contextlib import ExitStack
+
+    from .embed import embed_particles
+    from .progress import progress_bar
+
+    with ExitStack() as bars:
+        advance = {}
+
+        def on_start(n: int) -> None:
+            advance["f"] = bars.enter_context(progress_bar(n, "embed"))
+
+        summary = embed_particles(
+            run_dir, input_path, out_star, on_start=on_start,
+            progress=lambda k: advance["f"](k), **kw,
+        )
+    click.echo(summary.line())
+
+
 if __name__ == "__main__":
     main()

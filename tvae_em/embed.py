@@ -323,12 +323,46 @@ def open_original(path: str, datadir, apix, stack) -> object:
     return orig
 
 
-def particle_star_tables(stack, new: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """RELION 3.1 (particles, optics) of `stack` with the embed columns in place."""
+def particle_star_tables(
+    stack, new: pd.DataFrame, out_star: Path
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """RELION 3.1 (particles, optics) of `stack` with the embed columns in place, its image
+    names valid from the folder of `out_star`."""
     from .io import relion31_tables
 
     particles, optics = relion31_tables(stack)
+    particles["rlnImageName"] = rebase_image_names(particles["rlnImageName"], stack, out_star.parent)
     return replace_columns(particles, new), optics
+
+
+def rebase_image_names(names: pd.Series, stack, out_dir: Path) -> pd.Series:
+    """rlnImageName whose stack part still finds the stack file from a star written in out_dir.
+
+    A name that resolves to the same file from out_dir or from the working directory (RELION's
+    project folder) is kept verbatim; others get the stack's path relative to out_dir.
+    """
+    names = names.astype(str)
+    parts = names.str.split("@", n=1, expand=True)
+    if parts.shape[1] == 1:
+        parts[1] = None
+    has_at = parts[1].notna()
+    old = parts[1].where(has_at, parts[0])
+    files = np.asarray(stack.files, dtype=object)
+    target = files[stack.file_index]  # (n,) resolved stack of each particle
+    fixed = {}
+    for name, path in set(zip(old, target, strict=True)):
+        fixed[name, path] = _stack_reference(name, path, out_dir)
+    new = pd.Series([fixed[k] for k in zip(old, target, strict=True)], index=names.index)
+    return (parts[0] + "@" + new).where(has_at, new)
+
+
+def _stack_reference(name: str, path: str, out_dir: Path) -> str:
+    """`name` if it leads to `path` from out_dir or the working directory, else a relative path."""
+    for base in (out_dir, Path.cwd()):
+        candidate = Path(name) if Path(name).is_absolute() else base / name
+        if candidate.is_file() and os.path.samefile(candidate, path):
+            return name
+    return os.path.relpath(path, out_dir.resolve())
 
 
 def cs_table(stack, psi_deg: np.ndarray, origin_A: np.ndarray, labels: np.ndarray | None):
@@ -456,12 +490,12 @@ def embed_particles(
     new = embedding_columns(emb, apix, labels)
     psi, origin = relion_pose(emb.theta, emb.t, apix)
     tables: dict[str, object] = {
-        "star": particle_star_tables(stack, new),
+        "star": particle_star_tables(stack, new, plan.star),
         "npz": npz_arrays(emb, psi, origin, labels, apix, stack.box),
     }
     target = stack
     if orig is not None:
-        tables["original_star"] = particle_star_tables(orig, new)
+        tables["original_star"] = particle_star_tables(orig, new, plan.original_star)
         target = orig
     if plan.cs is not None:
         tables["cs"] = cs_table(target, psi, origin, labels)

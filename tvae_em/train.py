@@ -245,6 +245,7 @@ def build_model_config(opts: TrainOptions, stack, device: torch.device) -> dict[
         "r_prior_sd": math.radians(opts.r_prior_sd_deg),
         "likelihood": likelihood,
         "tau": opts.tau,
+        "seed": opts.seed,
     }
     if opts.pixel_fraction is not None:
         cfg["pixel_fraction"] = opts.pixel_fraction
@@ -468,7 +469,7 @@ def _payload(model, optim, sched, epoch, best, model_cfg, opts, norm, stack) -> 
     }
 
 
-def _run_epoch(model, optim, loader, epoch, device, use_amp, ctf_src, stack, progress):
+def _run_epoch(model, optim, loader, epoch, device, use_amp, ctf_src, stack, advance):
     """One pass over the loader; returns summed per-image terms, images seen and the start time."""
     model.train()
     keys = ("loss", "log_lik", "kl_tr", "kl_theta", "kl_z")

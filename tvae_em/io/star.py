@@ -104,6 +104,7 @@ def _write_loop(f, name: str, df: pd.DataFrame, float_format: str) -> None:
         float_format=float_format,
         na_rep="nan",
         quoting=csv.QUOTE_NONE,
+        quotechar="\x1f",  # never in the data: our quoting is done by _quote
         escapechar="\\",
         lineterminator="\n",
     )

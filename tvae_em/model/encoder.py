@@ -10,6 +10,7 @@ keep the input's pixel grid. The rotation axis is reordered so that rotating the
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +49,8 @@ def fft_correlate(x: torch.Tensor, filt: torch.Tensor) -> torch.Tensor:
 
     x: (B, 1, D, D); filt: (C, 1, k, k) -> (B, C, D, D). Computed in float32 whatever autocast says.
     """
-    b, _, d, _ = x.shape
-    c, _, k, _ = filt.shape
+    d = x.shape[-1]
+    k = filt.shape[-1]
     n = _fast_len(d + k - 1)
     p = k // 2
     with torch.autocast(x.device.type, enabled=False):
@@ -59,6 +60,19 @@ def fft_correlate(x: torch.Tensor, filt: torch.Tensor) -> torch.Tensor:
         wf = torch.fft.rfft2(fpad).conj()  # (C, n, n//2+1)
         out = torch.fft.irfft2(xf[:, None] * wf[None], s=(n, n))  # (B, C, n, n)
         return out[..., :d, :d]
+
+
+def use_fft(box: int, kernel: int) -> bool:
+    """True where FFT correlation beats direct convolution (measured crossover near box 55-60)."""
+    n = _fast_len(box + kernel - 1)
+    return box * box * kernel * kernel > 30 * n * n * math.log2(n * n)
+
+
+def correlate(x: torch.Tensor, filt: torch.Tensor) -> torch.Tensor:
+    """Linear 'same' correlation (B, 1, D, D) x (C, 1, k, k) -> (B, C, D, D), fastest exact way."""
+    if use_fft(x.shape[-1], filt.shape[-1]):
+        return fft_correlate(x, filt)
+    return F.conv2d(x, filt.to(x.dtype), padding=filt.shape[-1] // 2)
 
 
 class FFTLiftingConv(nn.Module):
@@ -77,7 +91,7 @@ class FFTLiftingConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         filt, bias = self.conv.expand_parameters()  # (C, 1, k, k), (C,)
-        return fft_correlate(x, filt) + bias[None, :, None, None]  # (B, C, D, D)
+        return correlate(x, filt) + bias[None, :, None, None]  # (B, C, D, D)
 
     def export(self) -> nn.Module:
         """The same layer with a fixed plain-torch filter."""
@@ -95,11 +109,14 @@ class FixedFFTConv(nn.Module):
         self.register_buffer("bias", bias)  # (C,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fft_correlate(x, self.filt) + self.bias[None, :, None, None]
+        return correlate(x, self.filt) + self.bias[None, :, None, None]
 
 
 class Regular1x1(nn.Module):
-    """1x1 R2Conv between regular fields (a group convolution over C_N at every pixel)."""
+    """1x1 R2Conv between regular fields (a group convolution over C_N at every pixel).
+
+    Applied channels-last as a linear map, which is faster than conv2d on CPU.
+    """
 
     def __init__(self, gspace, fields_in: int, fields_out: int):
         super().__init__()
@@ -113,17 +130,18 @@ class Regular1x1(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Channels-last x (..., C_in) -> (..., C_out)."""
         w, b = self.conv.expand_parameters()  # (C_out, C_in, 1, 1), (C_out,)
-        return F.conv2d(x, w, b)
+        return F.linear(x, w[:, :, 0, 0], b)
 
     def export(self) -> nn.Module:
-        """A plain nn.Conv2d with the expanded weights."""
+        """A plain nn.Linear (channels-last 1x1 convolution) with the expanded weights."""
         with torch.no_grad():
             w, b = self.conv.expand_parameters()
-        conv = nn.Conv2d(w.shape[1], w.shape[0], 1)
-        conv.weight.data.copy_(w)
-        conv.bias.data.copy_(b)
-        return conv
+        lin = nn.Linear(w.shape[1], w.shape[0])
+        lin.weight.data.copy_(w[:, :, 0, 0])
+        lin.bias.data.copy_(b)
+        return lin
 
 
 class EquivariantEncoder(nn.Module):
@@ -139,31 +157,32 @@ class EquivariantEncoder(nn.Module):
         self.rotations = n
         self.out_fields = HEAD_FIELDS_FIXED + 2 * cfg.z_dim
         gs = gspaces.Rot2dOnR2(n)
-        layers: list[nn.Module] = [FFTLiftingConv(gs, cfg.encoder_fields, cfg.encoder_kernel)]
-        width = cfg.encoder_fields
+        self.lift = FFTLiftingConv(gs, cfg.encoder_fields, cfg.encoder_kernel)
+        width, hidden = cfg.encoder_fields, []
         for _ in range(cfg.encoder_layers):
-            layers += [nn.LeakyReLU(LEAKY_SLOPE), Regular1x1(gs, width, cfg.encoder_hidden_fields)]
+            hidden.append(Regular1x1(gs, width, cfg.encoder_hidden_fields))
             width = cfg.encoder_hidden_fields
-        layers += [nn.LeakyReLU(LEAKY_SLOPE)]
-        self.body = nn.Sequential(*layers)
+        self.hidden = nn.ModuleList(hidden)
         self.head = Regular1x1(gs, width, self.out_fields)
         with torch.no_grad():
             # start with a rotation sd equal to the prior's (pi/N) and z sd of 1
-            self.head.conv.bias[2] = torch.log(torch.tensor(torch.pi / n))
+            self.head.conv.bias[2] = math.log(math.pi / n)
         # e2cnn's generator rotates the other way in (row, col) arrays: bin r <- e2cnn bin -r
         self.register_buffer("bin_order", (-torch.arange(n)) % n, persistent=False)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         b, d, _ = y.shape
-        h = self.head(self.body(y[:, None]))  # (B, F * N, D, D), field-major channels
-        h = h.reshape(b, self.out_fields, self.rotations, d, d)
-        return h.index_select(2, self.bin_order)  # (B, F, N, D, D)
+        h = self.lift(y[:, None]).permute(0, 2, 3, 1)  # (B, D, D, C) channels-last view
+        for layer in self.hidden:
+            h = layer(F.leaky_relu(h, LEAKY_SLOPE))  # (B, D, D, C')
+        h = self.head(F.leaky_relu(h, LEAKY_SLOPE))  # (B, D, D, F * N), field-major channels
+        h = h.reshape(b, d, d, self.out_fields, self.rotations).index_select(4, self.bin_order)
+        return h.permute(0, 3, 4, 1, 2)  # (B, F, N, D, D)
 
     def export(self) -> EquivariantEncoder:
         """A copy whose e2cnn layers are replaced by plain-torch equivalents (for inference)."""
         out = copy.deepcopy(self)
-        out.body = nn.Sequential(
-            *[m.export() if isinstance(m, (FFTLiftingConv, Regular1x1)) else m for m in out.body]
-        )
-        out.head = out.head.export()
+        out.lift = self.lift.export()
+        out.hidden = nn.ModuleList([m.export() for m in self.hidden])
+        out.head = self.head.export()
         return out

@@ -1,0 +1,184 @@
+"""Training loop: outputs, resume to the same result, Ctrl-C, NaN guard, bad input, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tvae_em.checkpoint import load_checkpoint
+from tvae_em.cli import main
+from tvae_em.synthetic import glyphs
+from tvae_em.train import TrainingDiverged, TrainOptions, train
+
+from conftest import TINY_MODEL, write_particle_set
+
+BOX = 16
+
+
+@pytest.fixture(scope="module")
+def glyph_star(tmp_path_factory) -> Path:
+    images, _ = glyphs(48, box=BOX, seed=1, n_classes=2, t_sd_px=1.0)
+    return write_particle_set(tmp_path_factory.mktemp("glyphs"), images, apix=2.0)
+
+
+def tiny_options(star: Path, out: Path, **kw) -> TrainOptions:
+    base = dict(input=str(star), out_dir=str(out), epochs=2, batch_size=16, seed=3)
+    base.update(kw)
+    return TrainOptions(**base, model_overrides=dict(TINY_MODEL))
+
+
+def state(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+
+
+def test_train_writes_run_folder(glyph_star, tmp_path):
+    res = train(tiny_options(glyph_star, tmp_path / "run"), log=lambda m: None)
+    run = tmp_path / "run"
+    assert res.epochs_done == 2 and not res.interrupted
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["options"]["z_dim"] == 2 and cfg["model_config"]["box"] == BOX
+    assert cfg["model_config"]["likelihood"] == "bernoulli"  # glyphs lie in [0, 1]
+    assert cfg["version"] and cfg["command"] and cfg["fingerprint"]
+    m = pd.read_csv(run / "metrics.csv")
+    assert list(m["epoch"]) == [1, 2]
+    assert {"loss", "log_lik", "kl_tr", "kl_theta", "kl_z", "lr", "particles_per_s"} <= set(m)
+    assert np.isfinite(m[["loss", "log_lik", "kl_tr", "kl_theta", "kl_z"]].to_numpy()).all()
+    # loss = -(log_lik - KL) per image, averaged over the epoch
+    kl = m["kl_tr"] + m["kl_theta"] + m["kl_z"]
+    np.testing.assert_allclose(m["loss"], -(m["log_lik"] - kl), rtol=1e-4)
+    assert (run / "checkpoints" / "best.pt").exists()
+    assert "epoch 2/2" in (run / "train.log").read_text()
+
+
+def test_resume_matches_uninterrupted_run(glyph_star, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(tiny_options(glyph_star, full, epochs=3), log=lambda m: None)
+    train(tiny_options(glyph_star, part, epochs=1), log=lambda m: None)
+    train(tiny_options(glyph_star, part, epochs=3), resume=True, explicit={"epochs"},
+          log=lambda m: None)
+    a, b = state(full), state(part)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    ma, mb = pd.read_csv(full / "metrics.csv"), pd.read_csv(part / "metrics.csv")
+    np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-6)
+
+
+def test_interrupt_keeps_last_checkpoint_and_resumes(glyph_star, tmp_path, monkeypatch):
+    import tvae_em.train as tr
+
+    run = tmp_path / "run"
+    original = tr._run_epoch
+
+    def interrupted(*args, **kw):
+        if args[3] == 2:  # epoch 2
+            raise KeyboardInterrupt
+        return original(*args, **kw)
+
+    monkeypatch.setattr(tr, "_run_epoch", interrupted)
+    res = train(tiny_options(glyph_star, run, epochs=3), log=lambda m: None)
+    assert res.interrupted and res.epochs_done == 1
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
+    monkeypatch.setattr(tr, "_run_epoch", original)
+    train(tiny_options(glyph_star, run, epochs=3), resume=True, log=lambda m: None)
+    ref = tmp_path / "ref"
+    train(tiny_options(glyph_star, ref, epochs=3), log=lambda m: None)
+    for k, v in state(ref).items():
+        torch.testing.assert_close(v, state(run)[k], rtol=0, atol=0, msg=k)
+
+
+def test_nan_loss_stops_with_epoch_and_step(glyph_star, tmp_path, monkeypatch):
+    from tvae_em.model import TargetVAE
+
+    original = TargetVAE.forward
+    calls = {"n": 0}
+
+    def poisoned(self, y, ctf=None):
+        out = original(self, y, ctf)
+        calls["n"] += 1
+        if calls["n"] == 5:  # epoch 2 (3 steps per epoch), step 2
+            out["elbo"] = out["elbo"] * float("nan")
+        return out
+
+    monkeypatch.setattr(TargetVAE, "forward", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="epoch 2, step 2"):
+        train(tiny_options(glyph_star, run, epochs=3), log=lambda m: None)
+    ck = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ck["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def _cli(args):
+    return CliRunner().invoke(main, args)
+
+
+def test_cli_train_and_resume(glyph_star, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", str(glyph_star), "-o", str(run), "--epochs", "1", "--batch-size", "24",
+            "--rotations", "4"]
+    r = _cli(args)
+    assert r.exit_code == 0, r.output
+    assert "Trained 1 epochs" in r.output
+    r = _cli(["train", "--resume", str(run), "--epochs", "2"])
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["options"]["epochs"] == 2 and cfg["options"]["rotations"] == 4
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--batch-size", "1000"], "--batch-size 1000"),
+        (["--rotations", "6"], "--rotations"),
+        (["--t-sd", "abc"], "--t-sd abc"),
+        (["--device", "tpu"], "--device tpu"),
+        (["--epochs", "0"], "--epochs 0"),
+    ],
+)
+def test_cli_train_bad_options(glyph_star, tmp_path, extra, message):
+    r = _cli(["train", str(glyph_star), "-o", str(tmp_path / "run"), "--batch-size", "16", *extra])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0], r.output
+
+
+def test_cli_train_bad_input_and_resume_mismatch(glyph_star, tmp_path):
+    r = _cli(["train", str(tmp_path / "missing.star"), "-o", str(tmp_path / "run")])
+    assert r.exit_code == 2 and "missing.star" in r.output
+    run = tmp_path / "run2"
+    r = _cli(["train", str(glyph_star), "-o", str(run), "--epochs", "1", "--rotations", "4",
+              "--batch-size", "16"])
+    assert r.exit_code == 0, r.output
+    r = _cli(["train", "--resume", str(run), "--z-dim", "3"])
+    assert r.exit_code == 2 and "z_dim" in r.output
+    r = _cli(["train", str(glyph_star), "-o", str(run), "--batch-size", "16"])  # would overwrite a trained run
+    assert r.exit_code == 2 and "--resume" in r.output
+    r = _cli(["train", "--resume", str(tmp_path / "nowhere")])
+    assert r.exit_code == 2 and "nowhere" in r.output
+
+
+def test_two_process_gloo_run(glyph_star, tmp_path):
+    """torchrun --nproc_per_node=2 on CPU: DDP with gloo, rank 0 writes, loss finite."""
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_port=29517", "-m", "tvae_em.cli", "train", str(glyph_star), "-o", str(run),
+           "--epochs", "1", "--batch-size", "8", "--rotations", "4"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = pd.read_csv(run / "metrics.csv")
+    assert len(m) == 1 and np.isfinite(m["loss"]).all()
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["world_size"] == 2
+    assert p.stderr.count("epoch 1/1") == 1  # only rank 0 logs
