@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny run folders (untrained model + checkpoint) and small particle sets on disk."""
+"""Shared fixtures: tiny run folders (untrained model + checkpoint), small particle sets on disk."""
 
 from __future__ import annotations
 

@@ -110,7 +110,8 @@ class _Recorder:
         self.data, self.log = data, log
 
     def __getitem__(self, key):
-        self.log.append(np.asarray(key).tolist())
+        rows = range(len(self.data))[key] if isinstance(key, slice) else np.asarray(key)
+        self.log.append(list(map(int, rows)))
         return self.data[key]
 
 
@@ -151,8 +152,8 @@ def test_open_reads_no_pixels_and_read_groups_by_file(two_stacks, monkeypatch):
     np.testing.assert_array_equal(got, truth[[3, 1, 4, 0]])
     assert sorted(opened) == ["a.mrcs", "b.mrcs"]
     assert sorted(log) == [[1, 2], [2, 4]]  # one sorted read per file, only the asked images
-    stack.read([2])
-    assert len(opened) == 2  # maps are cached
+    stack.read([2, 4, 2])  # repeats and gaps in one file
+    assert len(opened) == 2 and log[-1] == [0, 0, 2]  # maps are cached
 
 
 def test_pickling_drops_memory_maps(two_stacks):

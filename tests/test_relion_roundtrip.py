@@ -130,7 +130,11 @@ def exported(posed, tmp_path_factory):
     try:
         out = root / "out"
         embed_particles(
-            run, prep_star, out / "embedded.star", batch_size=5, original=full_star,
+            run,
+            prep_star,
+            out / "embedded.star",
+            batch_size=5,
+            original=full_star,
             cs_out=out / "embedded.cs",
         )
     finally:
@@ -159,7 +163,7 @@ def test_wrong_sign_would_fail(posed, exported):
 
 
 def test_cs_shifts_are_pixels_of_the_full_stack(posed, exported):
-    """pyem's csparc2star on the .cs (psi = deg(pose), origin = shift * psize) gives the star's pose."""
+    """pyem's csparc2star on the .cs (psi = deg(pose), origin = shift * psize) gives the star."""
     cs = np.load(exported / "embedded.cs")
     star = starfile.read(exported / "embedded_original.star", always_dict=True)["particles"]
     np.testing.assert_allclose(cs["alignments2D/psize_A"], APIX_FULL)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -171,9 +172,12 @@ def test_cli_train_bad_input_and_resume_mismatch(glyph_star, tmp_path):
 def test_two_process_gloo_run(glyph_star, tmp_path):
     """torchrun --nproc_per_node=2 on CPU: DDP with gloo, rank 0 writes, loss finite."""
     run = tmp_path / "ddp"
+    with socket.socket() as sock:  # a free port, so parallel runs do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_port=29517", "-m", "tvae_em.cli", "train", str(glyph_star), "-o", str(run),
+           f"--master_port={port}", "-m", "tvae_em.cli", "train", str(glyph_star), "-o", str(run),
            "--epochs", "1", "--batch-size", "8", "--rotations", "4"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]

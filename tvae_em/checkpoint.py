@@ -113,9 +113,15 @@ def load_trained(run_dir: Path, device: str | torch.device = "cpu", which: str =
 
     path = find_checkpoint(run_dir, which)
     ck = load_checkpoint(path, device)
-    cfg = ModelConfig(**ck["model_config"])
-    model = TargetVAE(cfg).to(device)
-    model.load_state_dict(ck["model"])
+    try:
+        cfg = ModelConfig.from_dict(ck["model_config"])
+        model = TargetVAE(cfg).to(device)
+        model.load_state_dict(ck["model"])
+    except (KeyError, RuntimeError) as e:
+        raise UserError(
+            f"{path}: checkpoint does not match this version of tvae-em ({type(e).__name__}); "
+            "retrain or use the version that wrote it"
+        ) from None
     model.eval()
     norm = ck.get("normalisation", {"mean": 0.0, "sd": 1.0})
     return TrainedModel(

@@ -156,9 +156,8 @@ def simulate(
 @click.option(
     "--chunk-size",
     type=int,
-    default=1000,
-    show_default=True,
-    help="Particles per chunk: memory use is bounded by this.",
+    default=None,
+    help="Particles per chunk; memory is bounded by it. [default: ~64 MiB of input, <= 1000]",
 )
 @click.option(
     "--norm",
@@ -224,32 +223,66 @@ def preprocess(
 
 @main.command()
 @click.argument("input", required=False, type=click.Path(dir_okay=False))
-@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), help="Run folder to create.")
+@click.option(
+    "-o", "--out", "out_dir", type=click.Path(file_okay=False), help="Run folder to create."
+)
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this folder.")
 @click.option("--z-dim", type=int, default=2, show_default=True, help="Latent dimensions.")
 @click.option("--rotations", type=int, default=8, show_default=True, help="Rotation bins N (C_N).")
 @click.option("--epochs", type=int, default=20, show_default=True, help="Total epochs.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Particles per step.")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
-@click.option("--t-sd", help="Shift prior sd: pixels (4, 4px) or Angstrom (12A). [default: 5% of box]")
-@click.option("--r-prior", type=click.Choice(["uniform", "gaussian"]), default="uniform",
-              show_default=True, help="Prior over rotation bins.")
-@click.option("--r-prior-sd", "r_prior_sd_deg", type=float, default=45.0, show_default=True,
-              help="Gaussian rotation prior sd (degrees).")
-@click.option("--likelihood", type=click.Choice(["auto", "gaussian", "bernoulli"]), default="auto",
-              show_default=True, help="auto: bernoulli for images in [0, 1], else gaussian.")
-@click.option("--ctf/--no-ctf", "ctf", default=None,
-              help="Apply each particle's CTF to the generator. [default: on when defocus is known]")
-@click.option("--tau", type=float, default=1.0, show_default=True, help="Gumbel-softmax temperature.")
+@click.option(
+    "--t-sd", help="Shift prior sd: pixels (4, 4px) or Angstrom (12A). [default: 5% of box]"
+)
+@click.option(
+    "--r-prior",
+    type=click.Choice(["uniform", "gaussian"]),
+    default="uniform",
+    show_default=True,
+    help="Prior over rotation bins.",
+)
+@click.option(
+    "--r-prior-sd",
+    "r_prior_sd_deg",
+    type=float,
+    default=45.0,
+    show_default=True,
+    help="Gaussian rotation prior sd (degrees).",
+)
+@click.option(
+    "--likelihood",
+    type=click.Choice(["auto", "gaussian", "bernoulli"]),
+    default="auto",
+    show_default=True,
+    help="auto: bernoulli for images in [0, 1], else gaussian.",
+)
+@click.option(
+    "--ctf/--no-ctf",
+    "ctf",
+    default=None,
+    help="Apply each particle's CTF to the generator. [default: on when defocus is known]",
+)
+@click.option(
+    "--tau", type=float, default=1.0, show_default=True, help="Gumbel-softmax temperature."
+)
 @click.option("--pixel-fraction", type=float, help="Pixels scored per step (unbiased subsample).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (fixes everything).")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Random seed (fixes everything)."
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (CUDA only).")
-@click.option("--num-workers", type=int, default=0, show_default=True,
-              help="Data-loading worker processes.")
-@click.option("--checkpoint-every", type=int, default=1, show_default=True,
-              help="Epochs between checkpoints (the last and best are always kept).")
+@click.option(
+    "--num-workers", type=int, default=0, show_default=True, help="Data-loading worker processes."
+)
+@click.option(
+    "--checkpoint-every",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Epochs between checkpoints (the last and best are always kept).",
+)
 @click.option("--datadir", type=click.Path(file_okay=False), help="Folder to find stacks in.")
 @click.option("--apix", type=float, help="Pixel size (A) of a bare .mrcs input.")
 @click.pass_context
@@ -285,14 +318,22 @@ def train(ctx: click.Context, input, out_dir, resume, **kw) -> None:
             raise UserError("train needs INPUT and -o RUN_FOLDER (or --resume RUN_FOLDER)")
         opts = TrainOptions(input=input, out_dir=out_dir, **kw)
     try:
-        res = run_training(opts, resume=bool(resume), explicit=explicit, progress=progress_bar,
-                           log=lambda m: click.echo(m, err=True))
+        res = run_training(
+            opts,
+            resume=bool(resume),
+            explicit=explicit,
+            progress=progress_bar,
+            log=lambda m: click.echo(m, err=True),
+        )
     except TrainingDiverged as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)
     if res.interrupted:
-        click.echo(f"Interrupted after epoch {res.epochs_done}; resume with: tvae-em train "
-                   f"--resume {res.run_dir}", err=True)
+        click.echo(
+            f"Interrupted after epoch {res.epochs_done}; resume with: tvae-em train "
+            f"--resume {res.run_dir}",
+            err=True,
+        )
         sys.exit(130)
     click.echo(
         f"Trained {res.epochs_done} epochs in {res.seconds:.0f} s ({res.particles_per_s:.1f} "
@@ -303,30 +344,66 @@ def train(ctx: click.Context, input, out_dir, resume, **kw) -> None:
 @main.command()
 @click.argument("run_dir", metavar="RUN", type=click.Path())
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
-@click.option("-o", "--out", "out_star", required=True, type=click.Path(dir_okay=False),
-              help="Output RELION 3.1 star (.star); OUT.npz is written next to it.")
+@click.option(
+    "-o",
+    "--out",
+    "out_star",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Output RELION 3.1 star (.star); OUT.npz is written next to it.",
+)
 @click.option("--classes", type=int, help="k-means classes in z space -> rlnClassNumber (1-based).")
-@click.option("--original", type=click.Path(dir_okay=False),
-              help="Full-size star/cs that INPUT was preprocessed from (same particles, same "
-              "order): also write its rows with these poses, origins at its pixel size.")
-@click.option("--original-out", type=click.Path(dir_okay=False),
-              help="Star for --original. [default: OUT_original.star]")
-@click.option("--cs", "cs_out", type=click.Path(dir_okay=False),
-              help="Also write a cryoSPARC .cs (of --original when given, else of INPUT).")
-@click.option("--npz", "npz_out", type=click.Path(dir_okay=False),
-              help="Arrays for scripting. [default: OUT with .npz]")
-@click.option("--batch-size", type=int, default=128, show_default=True, help="Particles per batch.")
+@click.option(
+    "--original",
+    type=click.Path(dir_okay=False),
+    help="Full-size star/cs that INPUT was preprocessed from (same particles, same "
+    "order): also write its rows with these poses, origins at its pixel size.",
+)
+@click.option(
+    "--original-out",
+    type=click.Path(dir_okay=False),
+    help="Star for --original. [default: OUT_original.star]",
+)
+@click.option(
+    "--cs",
+    "cs_out",
+    type=click.Path(dir_okay=False),
+    help="Also write a cryoSPARC .cs (of --original when given, else of INPUT).",
+)
+@click.option(
+    "--npz",
+    "npz_out",
+    type=click.Path(dir_okay=False),
+    help="Arrays for scripting. [default: OUT with .npz]",
+)
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Particles per batch.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
-@click.option("--num-workers", type=int, default=0, show_default=True,
-              help="Data-loading worker processes.")
-@click.option("--elbo/--no-elbo", "with_elbo", default=True, show_default=True,
-              help="Per-particle ELBO (renders every particle: about half the time).")
-@click.option("--checkpoint", type=click.Choice(["last", "best"]), default="last",
-              show_default=True, help="Which checkpoint of RUN to use.")
+@click.option(
+    "--num-workers", type=int, default=0, show_default=True, help="Data-loading worker processes."
+)
+@click.option(
+    "--elbo/--no-elbo",
+    "with_elbo",
+    default=True,
+    show_default=True,
+    help="Per-particle ELBO (renders every particle: about half the time).",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Choice(["last", "best"]),
+    default="last",
+    show_default=True,
+    help="Which checkpoint of RUN to use.",
+)
 @click.option("--datadir", type=click.Path(file_okay=False), help="Folder to find stacks in.")
 @click.option("--input-apix", type=float, help="Pixel size in A of INPUT (overrides the files).")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of k-means and of the ELBO's sample.")
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of k-means and of the ELBO's sample.",
+)
 def embed(run_dir, input_path, out_star, **kw) -> None:
     """Per-particle in-plane angle, shift, latent z, confidence and ELBO -> RELION/cryoSPARC.
 
@@ -352,9 +429,90 @@ def embed(run_dir, input_path, out_star, **kw) -> None:
             advance["f"] = bars.enter_context(progress_bar(n, "embed"))
 
         summary = embed_particles(
-            run_dir, input_path, out_star, on_start=on_start,
-            progress=lambda k: advance["f"](k), **kw,
+            run_dir,
+            input_path,
+            out_star,
+            on_start=on_start,
+            progress=lambda k: advance["f"](k),
+            **kw,
         )
+    click.echo(summary.line())
+
+
+@main.command()
+@click.argument("run_dir", metavar="RUN", type=click.Path())
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the figures (created).",
+)
+@click.option(
+    "--embedding",
+    type=click.Path(dir_okay=False),
+    help="The .npz of tvae-em embed: traverse its principal axes; class averages, "
+    "latent scatter, pose histograms.",
+)
+@click.option(
+    "--particles",
+    type=click.Path(dir_okay=False),
+    help="The particles that were embedded: reconstructions and class averages.",
+)
+@click.option("--size", type=int, help="Render generated images at this size (px). [default: box]")
+@click.option("--n-steps", type=int, default=9, show_default=True, help="Images per traversal.")
+@click.option(
+    "--dims",
+    help="Latent dimensions (or principal axes) to traverse, e.g. 1,2 "
+    "(1-based). [default: all, up to 10]",
+)
+@click.option(
+    "--range",
+    "value_range",
+    type=float,
+    default=2.5,
+    show_default=True,
+    help="Traverse from -RANGE to +RANGE sds.",
+)
+@click.option("--classes", type=int, help="Re-cluster the embedding into K k-means classes.")
+@click.option("--n-recon", type=int, default=8, show_default=True, help="Particles to reconstruct.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
+@click.option(
+    "--checkpoint",
+    type=click.Choice(["last", "best"]),
+    default="last",
+    show_default=True,
+    help="Which checkpoint of RUN to use.",
+)
+@click.option("--datadir", type=click.Path(file_okay=False), help="Folder to find stacks in.")
+@click.option("--input-apix", type=float, help="Pixel size in A of --particles.")
+def generate(run_dir, out_dir, **kw) -> None:
+    """PNGs of what a run learned: latent traversals, the latent plane (2 dims), reconstructions,
+    aligned class averages (+ class_averages.mrcs/.star), latent scatter, pose histograms.
+
+    \b
+    Example:
+      tvae-em generate run/ -o figs/
+      tvae-em generate run/ -o figs/ --embedding embedded.npz \\
+          --particles prep/particles.star --size 128
+    """
+    from contextlib import ExitStack
+
+    from .generate import generate_figures
+    from .progress import progress_bar
+
+    with ExitStack() as bars:
+        advance = {}
+
+        def on_start(n: int) -> None:
+            advance["f"] = bars.enter_context(progress_bar(n, "class averages"))
+
+        summary = generate_figures(
+            run_dir, out_dir, on_start=on_start, progress=lambda k: advance["f"](k), **kw
+        )
+    for note in summary.notes:
+        click.echo(f"Note: {note}", err=True)
     click.echo(summary.line())
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +105,7 @@ def wrap_degrees(deg: np.ndarray) -> np.ndarray:
 def relion_pose(
     theta: np.ndarray, t_px: np.ndarray, apix: np.ndarray | float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """RELION alignment undoing pose (theta (n,) rad, t (n, 2) px): psi (n,) deg, origin (n, 2) A."""
+    """RELION alignment undoing pose theta (n,) rad, t (n, 2) px: psi (n,) deg, origin (n, 2) A."""
     psi = wrap_degrees(-np.degrees(theta))
     origin = -np.asarray(t_px, dtype=np.float64) * np.asarray(apix, dtype=np.float64).reshape(-1, 1)
     return psi, origin
@@ -119,9 +120,7 @@ def cryosparc_pose(
     return np.radians(psi_deg), shift
 
 
-def embedding_columns(
-    emb: Embedding, apix: np.ndarray, labels: np.ndarray | None
-) -> pd.DataFrame:
+def embedding_columns(emb: Embedding, apix: np.ndarray, labels: np.ndarray | None) -> pd.DataFrame:
     """The columns embed adds to a particle table (one row per particle)."""
     psi, origin = relion_pose(emb.theta, emb.t, apix)
     cols: dict[str, np.ndarray] = {
@@ -192,7 +191,14 @@ def run_inference(
     return emb
 
 
-def _run_uses_ctf(trained: TrainedModel, stack) -> bool:
+def load_model(run_dir: str | os.PathLike, device, checkpoint: str = "last") -> TrainedModel:
+    """`load_trained`, without e2cnn's deprecation chatter on the terminal."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="indexing with dtype torch.uint8")
+        return load_trained(Path(run_dir), device, checkpoint)
+
+
+def run_uses_ctf(trained: TrainedModel, stack) -> bool:
     """Whether the run was trained with the CTF (config.json "ctf"; else its --ctf option)."""
     config = trained.path.parent.parent / "config.json"
     if config.is_file():
@@ -209,7 +215,7 @@ def _run_uses_ctf(trained: TrainedModel, stack) -> bool:
 
 
 def _ctf_function(stack, input_path: str, device) -> Callable[[np.ndarray], torch.Tensor]:
-    """idx -> (B, D, D) CTF of those particles, as training computed it (UserError if no defocus)."""
+    """idx -> (B, D, D) CTF of those particles, as in training (UserError if no defocus)."""
     from .ctf import compute_ctf, ctf_params
 
     params = ctf_params(stack)
@@ -297,45 +303,78 @@ def _check_box(stack, trained: TrainedModel, input_path: str, run_dir: str) -> N
 
 def _check_classes(classes: int | None, n: int, input_path: str) -> None:
     if classes is not None and not 1 <= classes <= n:
-        raise UserError(f"--classes {classes}: must be between 1 and the {n} particles of {input_path}")
+        raise UserError(
+            f"--classes {classes}: must be between 1 and the {n} particles of {input_path}"
+        )
 
 
-def open_original(path: str, datadir, apix, stack) -> object:
-    """The full-size ParticleStack matching `stack` particle for particle (UserError otherwise)."""
+def open_original(path: str, datadir, stack) -> tuple[object, np.ndarray]:
+    """The full-size ParticleStack and, for each particle of `stack`, its row there (n,)."""
     from .io import ParticleStack
 
-    orig = ParticleStack.open(path, datadir=datadir, apix=apix)
-    if len(orig) != len(stack):
+    orig = ParticleStack.open(path, datadir=datadir)
+    return orig, match_rows(orig.particles, stack.particles, path, str(stack.source))
+
+
+MATCH_KEYS = (("uid",), ("rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY"))
+
+
+def match_rows(
+    orig: pd.DataFrame, prep: pd.DataFrame, orig_name: str, prep_name: str
+) -> np.ndarray:
+    """Row of `orig` for each row of `prep` (n,): same order when the counts agree, else matched
+    on uid or on micrograph + coordinates (particles dropped by preprocess --skip-bad)."""
+    keys = next((k for k in MATCH_KEYS if set(k) <= set(orig) and set(k) <= set(prep)), None)
+    a = _key_strings(orig, keys) if keys else None
+    b = _key_strings(prep, keys) if keys else None
+    if len(orig) == len(prep) and (keys is None or (a == b).all()):
+        return np.arange(len(prep))
+    if keys is None or a.duplicated().any():
         raise UserError(
-            f"--original {path}: has {len(orig)} particles but {stack.source} has {len(stack)}; "
-            "give the star the model's stack was made from (same particles, same order)"
+            f"--original {orig_name}: cannot match its {len(orig)} particles to the {len(prep)} of "
+            f"{prep_name} (give the star {prep_name} was preprocessed from)"
         )
-    for col in ("rlnCoordinateX", "rlnCoordinateY"):
-        a, b = orig.particles.get(col), stack.particles.get(col)
-        if a is not None and b is not None:
-            bad = ~np.isclose(pd.to_numeric(a, errors="coerce"), pd.to_numeric(b, errors="coerce"))
-            if bad.any():
-                i = int(np.argmax(bad))
-                raise UserError(
-                    f"--original {path}: particle {i + 1} has another {col} than in "
-                    f"{stack.source}; not the same particles in the same order"
-                )
-    return orig
+    lookup = pd.Series(np.arange(len(orig)), index=a.to_numpy())
+    rows = lookup.reindex(b.to_numpy())
+    if rows.isna().any():
+        i = int(np.argmax(rows.isna().to_numpy()))
+        raise UserError(
+            f"--original {orig_name}: particle {i + 1} of {prep_name} is not in it "
+            f"(no row with the same {', '.join(keys)})"
+        )
+    return rows.to_numpy(np.int64)
+
+
+def _key_strings(df: pd.DataFrame, keys: tuple[str, ...]) -> pd.Series:
+    """One string per row identifying the particle (coordinates rounded to 0.01 px)."""
+    parts = []
+    for k in keys:
+        col = df[k]
+        if k.startswith("rlnCoordinate"):
+            col = pd.to_numeric(col, errors="coerce").round(2)
+        parts.append(col.astype(str).reset_index(drop=True))
+    out = parts[0]
+    for p in parts[1:]:
+        out = out + "|" + p
+    return out
 
 
 def particle_star_tables(
-    stack, new: pd.DataFrame, out_star: Path
+    stack, new: pd.DataFrame, out_star: Path, rows: np.ndarray | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """RELION 3.1 (particles, optics) of `stack` with the embed columns in place, its image
-    names valid from the folder of `out_star`."""
+    """RELION 3.1 (particles, optics) of `stack` (its `rows`, in that order) with the embed
+    columns in place and image names valid from the folder of `out_star`."""
     from .io import relion31_tables
 
+    rows = np.arange(len(stack)) if rows is None else rows
     particles, optics = relion31_tables(stack)
-    particles["rlnImageName"] = rebase_image_names(particles["rlnImageName"], stack, out_star.parent)
+    particles = particles.iloc[rows].reset_index(drop=True)
+    names = rebase_image_names(particles["rlnImageName"], stack, rows, out_star.parent)
+    particles["rlnImageName"] = names
     return replace_columns(particles, new), optics
 
 
-def rebase_image_names(names: pd.Series, stack, out_dir: Path) -> pd.Series:
+def rebase_image_names(names: pd.Series, stack, rows: np.ndarray, out_dir: Path) -> pd.Series:
     """rlnImageName whose stack part still finds the stack file from a star written in out_dir.
 
     A name that resolves to the same file from out_dir or from the working directory (RELION's
@@ -348,7 +387,7 @@ def rebase_image_names(names: pd.Series, stack, out_dir: Path) -> pd.Series:
     has_at = parts[1].notna()
     old = parts[1].where(has_at, parts[0])
     files = np.asarray(stack.files, dtype=object)
-    target = files[stack.file_index]  # (n,) resolved stack of each particle
+    target = files[stack.file_index[rows]]  # (n,) resolved stack of each particle
     fixed = {}
     for name, path in set(zip(old, target, strict=True)):
         fixed[name, path] = _stack_reference(name, path, out_dir)
@@ -365,29 +404,29 @@ def _stack_reference(name: str, path: str, out_dir: Path) -> str:
     return os.path.relpath(path, out_dir.resolve())
 
 
-def cs_table(stack, psi_deg: np.ndarray, origin_A: np.ndarray, labels: np.ndarray | None):
-    """cryoSPARC structured array: uid (+ every input field of a .cs) and alignments2D/*."""
-    from .io import cs_to_dataframe, dataframe_to_cs, read_cs
+def cs_table(
+    stack, psi_deg: np.ndarray, origin_A: np.ndarray, labels: np.ndarray | None, rows: np.ndarray
+) -> np.ndarray:
+    """cryoSPARC structured array of `stack`'s `rows`: uid (+ every field of a .cs input) and
+    alignments2D/* with shifts in pixels of that stack."""
+    from .io import dataframe_to_cs
 
-    n = len(stack)
-    psize = stack.apix
+    psize = stack.apix[rows]
     pose, shift = cryosparc_pose(psi_deg, origin_A, psize)
-    template = None
-    if stack.kind == "cryosparc":
-        arr = read_cs(stack.source)
-        template = arr.dtype
-        df = cs_to_dataframe(arr)
-        df = df.drop(columns=[c for c in df.columns if c.startswith(CS_ALIGN)])
+    template = getattr(stack, "cs_dtype", None) if stack.kind == "cryosparc" else None
+    if template is not None:
+        cs_cols = [c for c in stack.particles.columns if "/" in c or c == "uid"]
+        keep = [c for c in cs_cols if not c.startswith(CS_ALIGN)]
+        df = stack.particles[keep].iloc[rows].reset_index(drop=True).copy()
+        template = np.dtype([d for d in template.descr if d[0] and not d[0].startswith(CS_ALIGN)])
     else:
-        df = pd.DataFrame({"uid": np.arange(n, dtype=np.uint64)})
+        df = pd.DataFrame({"uid": np.asarray(rows, dtype=np.uint64)})  # row in that file
     df[f"{CS_ALIGN}pose"] = pose.astype(np.float32)
     df[f"{CS_ALIGN}shift[0]"] = shift[:, 0].astype(np.float32)
     df[f"{CS_ALIGN}shift[1]"] = shift[:, 1].astype(np.float32)
     df[f"{CS_ALIGN}psize_A"] = np.asarray(psize, dtype=np.float32)
     if labels is not None:
         df[f"{CS_ALIGN}class"] = (labels - 1).astype(np.uint32)
-    if template is not None:
-        template = np.dtype([d for d in template.descr if d[0] and not d[0].startswith(CS_ALIGN)])
     return dataframe_to_cs(df, template)
 
 
@@ -438,7 +477,7 @@ def embed_particles(
     input: str | os.PathLike,
     out_star: str | os.PathLike,
     datadir: str | os.PathLike | None = None,
-    batch_size: int = 128,
+    batch_size: int = 64,
     device: str = "auto",
     classes: int | None = None,
     cs_out: str | os.PathLike | None = None,
@@ -463,17 +502,20 @@ def embed_particles(
 
     input, run_dir = str(input), str(run_dir)
     dev = resolve_device(device)
-    trained = load_trained(Path(run_dir), dev, checkpoint)
+    trained = load_model(run_dir, dev, checkpoint)
     stack = ParticleStack.open(input, datadir=datadir, apix=input_apix)
     n = len(stack)
     _check_box(stack, trained, input, run_dir)
     _check_classes(classes, n, input)
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
-    orig = open_original(str(original), datadir, None, stack) if original else None
-    plan = plan_outputs(out_star, npz_out, cs_out, original_out, orig is not None, [input, original])
+    orig, rows = open_original(str(original), datadir, stack) if original else (None, None)
+    plan = plan_outputs(
+        out_star, npz_out, cs_out, original_out, orig is not None, [input, original]
+    )
     apix = stack.apix  # (n,) UserError when unknown
-    ctf_for = _ctf_function(stack, input, dev) if with_elbo and _run_uses_ctf(trained, stack) else None
+    use_ctf = with_elbo and run_uses_ctf(trained, stack)
+    ctf_for = _ctf_function(stack, input, dev) if use_ctf else None
 
     model = trained.model.export_for_inference().to(dev)
     norm = Normalisation(trained.norm_mean, trained.norm_sd)
@@ -493,12 +535,11 @@ def embed_particles(
         "star": particle_star_tables(stack, new, plan.star),
         "npz": npz_arrays(emb, psi, origin, labels, apix, stack.box),
     }
-    target = stack
+    target, target_rows = stack, np.arange(n)
     if orig is not None:
-        tables["original_star"] = particle_star_tables(orig, new, plan.original_star)
-        target = orig
+        tables["original_star"] = particle_star_tables(orig, new, plan.original_star, rows)
+        target, target_rows = orig, rows
     if plan.cs is not None:
-        tables["cs"] = cs_table(target, psi, origin, labels)
+        tables["cs"] = cs_table(target, psi, origin, labels, target_rows)
     write_outputs(plan, tables)
-    return EmbedSummary(n=n, seconds=seconds, device=str(dev), outputs=plan.paths(), classes=classes)
-
+    return EmbedSummary(n, seconds, str(dev), outputs=plan.paths(), classes=classes)

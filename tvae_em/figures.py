@@ -46,33 +46,42 @@ class GridLayout:
     top: int
     bottom: int
     right: int = 10
+    vgap: int = GAP_PX  # between rows (room for per-panel titles)
 
     @property
     def size(self) -> tuple[int, int]:
         """(width, height) of the whole figure in pixels."""
         w = self.left + self.cols * self.panel + (self.cols - 1) * GAP_PX + self.right
-        h = self.top + self.rows * self.panel + (self.rows - 1) * GAP_PX + self.bottom
+        h = self.top + self.rows * self.panel + (self.rows - 1) * self.vgap + self.bottom
         return w, h
 
     def box(self, r: int, c: int) -> list[float]:
         """Axes rectangle [left, bottom, width, height] of panel (r, c), in figure fractions."""
         w, h = self.size
         x0 = self.left + c * (self.panel + GAP_PX)
-        y0 = h - self.top - (r + 1) * self.panel - r * GAP_PX
+        y0 = h - self.top - (r + 1) * self.panel - r * self.vgap
         return [x0 / w, y0 / h, self.panel / w, self.panel / h]
 
 
 def grid_layout(
-    rows: int, cols: int, size: int, row_labels: bool, col_labels: bool, xlabel: bool
+    rows: int,
+    cols: int,
+    size: int,
+    row_labels: bool = False,
+    col_labels: bool = False,
+    xlabel: bool = False,
+    panel_titles: bool = False,
 ) -> GridLayout:
     """The layout `image_grid` uses for rows x cols images of `size` pixels."""
+    title_px = 18 if (col_labels or panel_titles) else 0
     return GridLayout(
         rows=rows,
         cols=cols,
         panel=panel_px(size),
         left=90 if row_labels else 10,
-        top=30 + (18 if col_labels else 0),
+        top=30 + title_px,
         bottom=30 if xlabel else 10,
+        vgap=GAP_PX + (title_px if panel_titles else 0),
     )
 
 
@@ -84,14 +93,24 @@ def image_grid(
     col_labels: Sequence[str] | None = None,
     xlabel: str | None = None,
     ylabel: str | None = None,
+    panel_titles: Sequence[Sequence[str]] | None = None,
 ) -> tuple[int, int]:
     """Write a grid of grey images (rows of 2D arrays, any sizes) as a PNG; returns (width, height).
 
     Each image is scaled to its own 1-99 percentile range; rows are drawn top to bottom.
+    `col_labels` title the top row; `panel_titles` (same nesting as images) title every panel.
     """
     rows, cols = len(images), max(len(r) for r in images)
     size = max(img.shape[-1] for row in images for img in row)
-    lay = grid_layout(rows, cols, size, bool(row_labels or ylabel), bool(col_labels), bool(xlabel))
+    lay = grid_layout(
+        rows,
+        cols,
+        size,
+        row_labels=bool(row_labels or ylabel),
+        col_labels=bool(col_labels),
+        xlabel=bool(xlabel),
+        panel_titles=panel_titles is not None,
+    )
     w, h = lay.size
     fig = Figure(figsize=(w / DPI, h / DPI), dpi=DPI)
     for r, row in enumerate(images):
@@ -100,7 +119,9 @@ def image_grid(
             ax.imshow(display_scale(img), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            if col_labels is not None and r == 0:
+            if panel_titles is not None:
+                ax.set_title(panel_titles[r][c], fontsize=FONT - 1, pad=3)
+            elif col_labels is not None and r == 0:
                 ax.set_title(col_labels[c], fontsize=FONT - 1, pad=3)
             if row_labels is not None and c == 0:
                 ax.set_ylabel(row_labels[r], fontsize=FONT - 1, rotation=0, ha="right", va="center")

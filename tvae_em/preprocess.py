@@ -34,6 +34,8 @@ from .io import (
     write_star,
 )
 
+CHUNK_BYTES = 64 * 2**20  # default chunk: about this much float32 input (peak RAM ~4x this)
+MAX_CHUNK = 1000
 DEFAULT_MASK_RADIUS = 0.75  # background = outside 75% of the half box (RELION's default)
 NORM_MODES = ("background", "image")
 _AXES = (-2, -1)
@@ -45,23 +47,32 @@ def fourier_crop(images: np.ndarray, size: int) -> np.ndarray:
 
     Real-space values are kept (the spectrum is scaled by (size/D)^2). For an even ``size`` the
     new Nyquist row/column receives both the -size/2 and the +size/2 coefficients (their sum is
-    what a sampled cosine at that frequency shows), so the output is real and band-limited
-    images are reproduced exactly.
+    what a sampled cosine at that frequency shows), so band-limited images are reproduced exactly.
     """
     d = images.shape[-1]
     if size > d:
         raise ValueError(f"fourier_crop cannot enlarge {d} to {size}")
     if size == d:
         return np.array(images, dtype=np.float32, copy=True)
-    spec = sfft.fftshift(sfft.fft2(sfft.ifftshift(images, axes=_AXES)), axes=_AXES)  # (B, D, D)
-    start = d // 2 - size // 2
-    crop = spec[..., start : start + size, start : start + size].copy()  # (B, n, n)
-    if size % 2 == 0:
-        crop[..., 0, :] += spec[..., start + size, start : start + size]
-        crop[..., :, 0] += spec[..., start : start + size, start + size]
-        crop[..., 0, 0] += spec[..., start + size, start + size]
-    out = sfft.fftshift(sfft.ifft2(sfft.ifftshift(crop, axes=_AXES)), axes=_AXES).real
-    return (out * (size / d) ** 2).astype(np.float32)
+    spec = sfft.rfft2(images, workers=-1)  # (B, D, D//2+1), phase origin at pixel 0
+    kr = np.rint(sfft.fftfreq(size) * size).astype(np.int64)  # (n,) output row frequencies
+    kc = np.arange(size // 2 + 1)  # (n//2+1,) output column frequencies
+    out = spec[:, (kr % d)[:, None], kc[None, :]]  # (B, n, n//2+1)
+    h = size // 2
+    extra = spec[:, h, : h + 1] if size % 2 == 0 else None  # row +n/2, folded into row -n/2
+    # Phase origin: input centre D//2 -> output centre n//2 (a no-op when both sizes are even).
+    shift = (d // 2) / d - h / size
+    if shift:
+        pr, pc = np.exp(2j * np.pi * kr * shift), np.exp(2j * np.pi * kc * shift)
+        out *= (pr[:, None] * pc[None, :]).astype(out.dtype)
+        if extra is not None:
+            extra = extra * (np.exp(2j * np.pi * h * shift) * pc).astype(out.dtype)
+    if extra is not None:
+        out[:, h, :] += extra
+        col = out[:, :, h]  # column -n/2 is the conjugate mirror of column +n/2
+        out[:, :, h] = col + np.conj(col[:, (-np.arange(size)) % size])
+    y = sfft.irfft2(out, s=(size, size), workers=-1)
+    return (y * (size / d) ** 2).astype(np.float32)
 
 
 def lowpass(
@@ -75,15 +86,15 @@ def lowpass(
     if kind not in ("gaussian", "hard"):
         raise ValueError(f"unknown low-pass kind {kind!r}")
     d = images.shape[-1]
-    f = sfft.fftfreq(d)  # cycles per pixel
-    radius = np.hypot(f[:, None], f[None, :])  # (D, D)
+    radius = np.hypot(sfft.fftfreq(d)[:, None], sfft.rfftfreq(d)[None, :])  # (D, D//2+1) cycles/px
     apix = np.asarray(apix, dtype=np.float64).reshape(-1, 1, 1)  # (B or 1, 1, 1)
-    s = radius[None] / apix  # (B, D, D) in 1/Angstrom
+    s = radius[None] / apix  # (B or 1, D, D//2+1) in 1/Angstrom
     if kind == "gaussian":
         response = np.exp(-math.log(2.0) * (s * resolution_A) ** 2)
     else:
         response = (s <= 1.0 / resolution_A).astype(np.float64)
-    out = sfft.ifft2(sfft.fft2(images) * response.astype(np.float32)).real
+    spec = sfft.rfft2(images, workers=-1) * response.astype(np.float32)
+    out = sfft.irfft2(spec, s=(d, d), workers=-1)
     return out.astype(np.float32)
 
 
@@ -110,37 +121,34 @@ def normalise(
         raise ValueError(f"unknown normalisation mode {mode!r}")
     x = images.astype(np.float32, copy=False)
     flat = x.reshape(len(x), -1)  # (B, D*D)
-    whole_sd = flat.std(axis=1, dtype=np.float64)
     if mode == "image":
-        mean, sd = flat.mean(axis=1, dtype=np.float64), whole_sd
+        mean, sd = flat.mean(axis=1), flat.std(axis=1)
     else:
         mask = background_mask(x.shape[-1], mask_radius).reshape(-1)
         if not mask.any():
             raise ValueError(f"mask radius {mask_radius} leaves no background pixels")
         bg = flat[:, mask]  # (B, n_background)
-        mean, sd = bg.mean(axis=1, dtype=np.float64), bg.std(axis=1, dtype=np.float64)
-        sd = np.where(sd > 1e-6 * whole_sd, sd, whole_sd)
-    sd = np.where(sd > 0, sd, 1.0)
-    return ((x - mean[:, None, None]) / sd[:, None, None]).astype(np.float32)
+        mean, sd = bg.mean(axis=1), bg.std(axis=1)
+        del bg
+        flat_bg = np.flatnonzero(sd <= 1e-6 * np.abs(flat).max(axis=1))
+        if flat_bg.size:
+            sd[flat_bg] = flat[flat_bg].std(axis=1)
+    sd = np.where(sd > 0, sd, 1.0).astype(np.float32)
+    out = x - mean[:, None, None]
+    out /= sd[:, None, None]
+    return out
 
 
 def bad_image_reasons(images: np.ndarray) -> list[str | None]:
     """Per image: None if usable, else why not (NaN/Inf pixels, or a constant image)."""
-    flat = images.reshape(len(images), -1)
-    finite = np.isfinite(flat).all(axis=1)
+    flat = images.reshape(len(images), -1)  # (B, D*D)
+    lo, hi = flat.min(axis=1), flat.max(axis=1)  # NaN and Inf propagate here: no big temporaries
     reasons: list[str | None] = [None] * len(images)
-    for i in np.flatnonzero(~finite):
-        kinds = [
-            k
-            for k, bad in (("NaN", np.isnan(flat[i]).any()), ("Inf", np.isinf(flat[i]).any()))
-            if bad
-        ]
+    for i in np.flatnonzero(~(np.isfinite(lo) & np.isfinite(hi))):
+        kinds = [k for k, f in (("NaN", np.isnan), ("Inf", np.isinf)) if f(flat[i]).any()]
         reasons[i] = f"{'/'.join(kinds)} pixels"
-    ok = np.flatnonzero(finite)
-    if ok.size:
-        constant = flat[ok].min(axis=1) == flat[ok].max(axis=1)
-        for i in ok[constant]:
-            reasons[i] = "a constant image (no signal)"
+    for i in np.flatnonzero(np.isfinite(lo) & (lo == hi)):
+        reasons[i] = "a constant image (no signal)"
     return reasons
 
 
@@ -176,6 +184,11 @@ def output_size(
     if size < 2 or size % 2:
         raise UserError(f"--size {size} must be a positive even number")
     return size
+
+
+def auto_chunk_size(box: int) -> int:
+    """Particles per chunk so one chunk holds about CHUNK_BYTES of float32 input (1..MAX_CHUNK)."""
+    return int(np.clip(CHUNK_BYTES // (4 * box * box), 1, MAX_CHUNK))
 
 
 # ---- the chunked driver --------------------------------------------------------------------------
@@ -240,17 +253,20 @@ def preprocess_stack(
     invert: bool = False,
     lowpass_A: float | None = None,
     skip_bad: bool = False,
-    chunk_size: int = 1000,
+    chunk_size: int | None = None,
     progress: Callable[[int], None] | None = None,
     mask_radius: float = DEFAULT_MASK_RADIUS,
     norm: str = "background",
 ) -> PreprocessSummary:
     """Preprocess every particle into out_dir/particles.mrcs + particles.star (+ .cs for .cs input).
 
-    Reads, processes and writes ``chunk_size`` particles at a time, so memory is bounded by the
-    chunk. Outputs are written under temporary names and renamed only when everything succeeded.
+    Reads, processes and writes ``chunk_size`` particles at a time (default:
+    ``auto_chunk_size``), so memory is bounded by the chunk whatever the stack size. Outputs are
+    written under temporary names and renamed only when everything succeeded.
     """
     t0 = time.perf_counter()
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(stack.box)
     if chunk_size < 1:
         raise UserError(f"--chunk-size must be at least 1, got {chunk_size}")
     apix_in = stack.apix
@@ -263,21 +279,37 @@ def preprocess_stack(
             f"--lowpass {lowpass_A:g} A is finer than the output's Nyquist limit {nyquist:.3g} A "
             f"(2 x {nyquist / 2:.3g} A/px)"
         )
+    options = dict(invert_contrast=invert, lowpass_A=lowpass_A, mask_radius=mask_radius, norm=norm)
+    created = not Path(out_dir).exists()
     out_dir = ensure_writable_dir(out_dir)
+    try:
+        return _run(stack, out_dir, box_out, apix_out, skip_bad, chunk_size, progress, options, t0)
+    except BaseException:
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # leave no trace of a failed run
+        raise
+
+
+def _run(stack, out_dir, box_out, apix_out, skip_bad, chunk_size, progress, options, t0):
+    """The chunked read -> process -> write loop of preprocess_stack; outputs renamed at the end."""
+    scale = stack.box / box_out
     finals = [out_dir / "particles.mrcs", out_dir / "particles.star"]
     if stack.kind == "cryosparc":
         finals.append(out_dir / "particles.cs")
     kept: list[np.ndarray] = []
     skipped: list[tuple[int, str]] = []
-    options = dict(invert_contrast=invert, lowpass_A=lowpass_A, mask_radius=mask_radius, norm=norm)
 
     def chunks() -> Iterator[np.ndarray]:
         for start in range(0, len(stack), chunk_size):
             idx = np.arange(start, min(len(stack), start + chunk_size))
             raw = stack.read(idx)  # (B, D, D)
+            stack.close()  # unmap: pages of the input stack do not pile up in this process
             reasons = bad_image_reasons(raw)
             good = np.array([r is None for r in reasons])
-            out = process_images(raw[good], box_out, apix_out[idx[good]], **options)
+            if not good.all():
+                raw = raw[good]
+            out = process_images(raw, box_out, apix_out[idx[good]], **options)
+            del raw
             late = bad_image_reasons(out)  # e.g. overflow to Inf in the FFT
             for j, r in zip(np.flatnonzero(good), late, strict=True):
                 if r is not None:
@@ -305,7 +337,7 @@ def preprocess_stack(
         n_out=n_out,
         box_in=stack.box,
         box_out=box_out,
-        apix_in=sorted(set(np.round(apix_in, 4).tolist())),
+        apix_in=sorted(set(np.round(stack.apix, 4).tolist())),
         apix_out=sorted(set(np.round(apix_out, 4).tolist())),
         seconds=time.perf_counter() - t0,
         star=finals[1],

@@ -31,6 +31,8 @@ class _RateColumn(ProgressColumn):
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
+        if speed is None and task.elapsed:
+            speed = task.completed / task.elapsed  # too few samples for rich's windowed speed
         return Text("--" if speed is None else f"{speed:,.0f} {self.unit}/s")
 
 

@@ -89,30 +89,29 @@ def write_stack(
 ) -> int:
     """Write up to ``n`` float32 images from ``chunks`` ((B, box, box) each), atomically.
 
-    Memory stays bounded by one chunk: the file is a memory map (``mrcfile.new_mmap``, mode 2)
-    under a temporary name, renamed when complete. If fewer than ``n`` images arrive (bad particles
-    skipped), the file is truncated to the images written. Returns the number of images written.
+    ``mrcfile.new_mmap`` (mode 2) creates the file and its header under a temporary name; chunks
+    are then written at their offsets with plain file writes, so neither a full-size array nor
+    mapped pages of the output ever accumulate in memory. If fewer than ``n`` images arrive (bad
+    particles skipped) the file is truncated to them. Renamed when complete; returns the count.
     """
     path = Path(path)
     with atomic_path(path) as tmp:
         with mrcfile.new_mmap(tmp, shape=(max(n, 1), box, box), mrc_mode=2, overwrite=True) as m:
             m.set_image_stack()
             m.voxel_size = apix
-            k, stats = 0, _RunningStats()
+            dtype, offset = m.data.dtype, HEADER_BYTES + int(m.header.nsymbt)
+        k, stats = 0, _RunningStats()
+        with open(tmp, "r+b") as f:
+            f.seek(offset)
             for chunk in chunks:
-                b = chunk.shape[0]
-                if k + b > n:
+                if k + len(chunk) > n:
                     raise ValueError(f"write_stack got more than the declared {n} images")
                 if chunk.shape[1:] != (box, box):
-                    raise ValueError(
-                        f"write_stack expected images of {box}x{box}, got {chunk.shape}"
-                    )
-                m.data[k : k + b] = chunk
+                    raise ValueError(f"write_stack expected {box}x{box} images, got {chunk.shape}")
+                np.ascontiguousarray(chunk, dtype=dtype).tofile(f)
                 stats.add(chunk)
-                k += b
-            stats.to_header(m.header)
-        if k < n:
-            _truncate(tmp, k, box, apix)
+                k += len(chunk)
+        _finish_header(tmp, k, box, apix, stats)
     return k
 
 
@@ -137,13 +136,13 @@ class _RunningStats:
             h.rms = np.sqrt(max(self.s2 / self.n - mean * mean, 0.0))
 
 
-def _truncate(path: Path, k: int, box: int, apix: float) -> None:
-    """Shrink a stack file written for more images to its first ``k`` images (header patched)."""
+def _finish_header(path: Path, k: int, box: int, apix: float, stats: _RunningStats) -> None:
+    """Set the pixel statistics and the image count ``k`` in the header; cut the file to size."""
     with mrcfile.open(path, mode="r", header_only=True, permissive=True) as m:
         h = m.header.copy()
-        nsymbt = int(h.nsymbt)
     h.nz = h.mz = k
-    h.cella.z = h.mz * apix
+    h.cella.z = k * apix
+    stats.to_header(h)
     with open(path, "r+b") as f:
         f.write(h.tobytes())
-        f.truncate(HEADER_BYTES + nsymbt + k * box * box * 4)
+        f.truncate(HEADER_BYTES + int(h.nsymbt) + k * box * box * 4)

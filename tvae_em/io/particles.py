@@ -203,7 +203,11 @@ class ParticleStack:
         bounds = np.flatnonzero(np.diff(codes[order])) + 1
         for part in np.split(order, bounds) if idx.size else []:
             data = self._data(int(codes[part[0]]))
-            out[part] = data[images[part]]
+            wanted = images[part]  # sorted
+            if (np.diff(wanted) == 1).all():
+                out[part] = data[wanted[0] : wanted[-1] + 1]  # contiguous: no temporary copy
+            else:
+                out[part] = data[wanted]
         return out
 
     def fingerprint(self) -> str:

@@ -1,0 +1,118 @@
+"""Benchmark `embed`: particles/s of the whole command (read, normalise, infer, write).
+
+A randomly initialised default model (ModelConfig(box=BOX) defaults) is saved as a run folder and
+N synthetic glyph particles as a RELION 3.1 star + stack, in a temporary folder; embed_particles
+then runs on each device (cpu, and cuda when present), with and without the per-particle ELBO.
+Speed does not depend on the weights, so an untrained model measures what a trained one would.
+
+    python benchmarks/bench_embed.py --n 512 --box 64 --batch-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from tvae_em import __version__
+from tvae_em.checkpoint import save_checkpoint
+from tvae_em.embed import embed_particles
+from tvae_em.io import write_stack, write_star
+from tvae_em.model import ModelConfig, TargetVAE
+from tvae_em.synthetic import glyphs
+
+
+def make_run(folder: Path, box: int) -> Path:
+    """A run folder holding an untrained default model for `box`."""
+    cfg = ModelConfig(box=box)
+    payload = {
+        "model": TargetVAE(cfg).state_dict(),
+        "epoch": 0,
+        "model_config": asdict(cfg),
+        "train_config": {"ctf": "off"},
+        "normalisation": {"mean": 0.0, "sd": 1.0},
+        "version": __version__,
+    }
+    save_checkpoint(folder / "checkpoints" / "last.pt", payload)
+    (folder / "config.json").write_text(json.dumps({"ctf": False, "model_config": asdict(cfg)}))
+    return folder
+
+
+def make_particles(folder: Path, n: int, box: int) -> Path:
+    """n glyph particles in folder/p.mrcs with a RELION 3.1 star folder/p.star."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images, _ = glyphs(n, box=box, seed=0)
+    write_stack(folder / "p.mrcs", [images], n, box, 2.0)
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroup": [1],
+            "rlnOpticsGroupName": ["opticsGroup1"],
+            "rlnImagePixelSize": [2.0],
+            "rlnImageSize": [box],
+            "rlnImageDimensionality": [2],
+            "rlnVoltage": [300.0],
+            "rlnSphericalAberration": [2.7],
+            "rlnAmplitudeContrast": [0.1],
+        }
+    )
+    particles = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@p.mrcs" for i in range(n)]})
+    particles["rlnOpticsGroup"] = 1
+    write_star(folder / "p.star", {"optics": optics, "particles": particles})
+    return folder / "p.star"
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        run_dir = make_run(root / "run", args.box)
+        star = make_particles(root / "data", args.n, args.box)
+        for device in devices:
+            for with_elbo in (False, True):
+                out = root / f"out_{device}_{with_elbo}.star"
+                t0 = time.perf_counter()
+                s = embed_particles(
+                    run_dir,
+                    star,
+                    out,
+                    batch_size=args.batch_size,
+                    device=device,
+                    with_elbo=with_elbo,
+                )
+                total = time.perf_counter() - t0
+                rows.append(
+                    {
+                        "device": device,
+                        "elbo": with_elbo,
+                        "n": s.n,
+                        "box": args.box,
+                        "batch": args.batch_size,
+                        "inference_particles_per_s": round(s.particles_per_s, 1),
+                        "command_particles_per_s": round(s.n / total, 1),
+                    }
+                )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=512, help="particles")
+    parser.add_argument("--box", type=int, default=64, help="image size (px)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(pd.DataFrame(run(args)).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,482 @@
+"""`tvae-em generate`: pictures of what a run learned (traversals, reconstructions, class averages).
+
+The generator is coordinate-based, so images render at any size; at `size` S a pose's shift is
+t * S / D pixels for a model of box D. Everything is validated before the first file is written,
+and each file is written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import figures
+from .data import BatchDataset, Normalisation, epoch_batches, make_loader
+from .embed import Progress, assign_classes, load_model, run_uses_ctf
+from .errors import UserError
+from .geometry import align_images
+
+NPZ_KEYS = ("z_mu", "theta_rad", "t_px", "psi_deg", "origin_A", "class")
+MAX_SIZE = 1024
+MAX_STEPS = 33
+MAX_DEFAULT_DIMS = 10
+RENDER_PIXELS = 2_000_000  # pixels rendered per generator call (bounds memory)
+
+
+@dataclass
+class GenerateSummary:
+    """Files written and what was skipped (and why)."""
+
+    outputs: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        """One-line summary for the terminal."""
+        names = ", ".join(p.name for p in self.outputs)
+        folder = self.outputs[0].parent if self.outputs else "."
+        return f"wrote {len(self.outputs)} files to {folder}/: {names}"
+
+
+@dataclass
+class LatentAxes:
+    """Directions to traverse: centre (Z,), unit axes (K, Z), scales (K,) and their names."""
+
+    centre: np.ndarray
+    axes: np.ndarray
+    scales: np.ndarray
+    names: list[str]
+    unit: str  # what one step of `scales` is, for axis labels
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def parse_dims(spec: str | None, n_axes: int, what: str) -> list[int]:
+    """'1,3' -> [0, 2] (1-based in, 0-based out), each in 1..n_axes; default: the first 10."""
+    if spec is None or str(spec).strip() == "":
+        return list(range(min(n_axes, MAX_DEFAULT_DIMS)))
+    try:
+        dims = [int(x) for x in str(spec).split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--dims {spec}: expected comma-separated numbers like 1,2") from None
+    bad = [d for d in dims if not 1 <= d <= n_axes]
+    if bad or not dims:
+        raise UserError(f"--dims {spec}: {what} has {n_axes} dimensions (choose from 1..{n_axes})")
+    if len(set(dims)) != len(dims):
+        raise UserError(f"--dims {spec}: a dimension is repeated")
+    return [d - 1 for d in dims]
+
+
+def latent_axes(z_dim: int, z_mu: np.ndarray | None = None) -> LatentAxes:
+    """The prior's axes (sd 1), or the principal axes of embedded z (n, Z) (sd of each)."""
+    if z_mu is None:
+        names = [f"z{j + 1}" for j in range(z_dim)]
+        return LatentAxes(np.zeros(z_dim), np.eye(z_dim), np.ones(z_dim), names, "prior sd")
+    z = np.asarray(z_mu, dtype=np.float64)
+    centre = z.mean(0)
+    cov = np.atleast_2d(np.cov(z - centre, rowvar=False)) if len(z) > 1 else np.eye(z_dim)
+    var, vec = np.linalg.eigh(cov)  # ascending
+    order = np.argsort(var)[::-1]
+    var, vec = np.clip(var[order], 0.0, None), vec[:, order]
+    share = var / var.sum() if var.sum() > 0 else np.zeros_like(var)
+    names = [f"PC{k + 1} ({100 * share[k]:.0f}%)" for k in range(z_dim)]
+    scales = np.where(var > 0, np.sqrt(var), 1.0)
+    return LatentAxes(centre, vec.T, scales, names, "sd of embedded z")
+
+
+def step_values(n_steps: int, value_range: float) -> np.ndarray:
+    """(n_steps,) evenly spaced positions in [-range, range] (in units of an axis's scale)."""
+    return np.linspace(-value_range, value_range, n_steps)
+
+
+def traversal_latents(axes: LatentAxes, dims: list[int], steps: np.ndarray) -> np.ndarray:
+    """(len(dims), n_steps, Z) latents: centre + s * scale * axis along each chosen axis."""
+    offsets = axes.scales[dims, None, None] * steps[None, :, None] * axes.axes[dims, None, :]
+    return axes.centre[None, None, :] + offsets
+
+
+def plane_latents(axes: LatentAxes, dims: list[int], steps: np.ndarray) -> np.ndarray:
+    """(n_steps, n_steps, Z) latents over the plane of two axes; row 0: largest second value."""
+    a, b = dims
+    sa = steps[None, :, None] * axes.scales[a] * axes.axes[a][None, None, :]
+    sb = steps[::-1, None, None] * axes.scales[b] * axes.axes[b][None, None, :]
+    return axes.centre[None, None, :] + sa + sb
+
+
+def render(
+    model,
+    z: np.ndarray,
+    size: int,
+    theta: np.ndarray | None = None,
+    t_px: np.ndarray | None = None,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Generator means (n, size, size) for latents z (n, Z) at poses (default: canonical).
+
+    t_px is in pixels of `size`. Rendered in chunks of about RENDER_PIXELS pixels.
+    """
+    n = len(z)
+    theta = np.zeros(n) if theta is None else theta
+    t_px = np.zeros((n, 2)) if t_px is None else t_px
+    chunk = max(1, RENDER_PIXELS // (size * size))
+    out = np.empty((n, size, size), np.float32)
+    with torch.inference_mode():
+        for i in range(0, n, chunk):
+            s = slice(i, i + chunk)
+            args = [
+                torch.as_tensor(a[s], dtype=torch.float32, device=device) for a in (z, theta, t_px)
+            ]
+            out[s] = model.render(*args, size=size).float().cpu().numpy()
+    return out
+
+
+def class_averages(
+    stack,
+    norm: Normalisation,
+    theta: np.ndarray,
+    t_px: np.ndarray,
+    labels: np.ndarray,
+    k: int,
+    batch_size: int = 256,
+    flip_for: Callable[[np.ndarray], torch.Tensor] | None = None,
+    progress: Progress | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class means (k, D, D) of particles aligned with their pose, and class sizes (k,).
+
+    labels (n,) are 0-based. Particles are streamed; `flip_for(idx)` gives CTFs to phase-flip by.
+    """
+    d = stack.box
+    sums = torch.zeros(k, d, d, dtype=torch.float64)
+    counts = np.bincount(labels, minlength=k)
+    loader = make_loader(
+        BatchDataset(stack, norm), epoch_batches(len(stack), batch_size, 0, 0, False), 0
+    )
+    for idx, y in loader:
+        i = idx.numpy()
+        if flip_for is not None:
+            y = torch.fft.ifft2(torch.fft.fft2(y) * torch.sign(flip_for(i))).real.float()
+        th = torch.as_tensor(theta[i], dtype=torch.float32)
+        aligned = align_images(y, th, torch.as_tensor(t_px[i], dtype=torch.float32))  # (B, D, D)
+        sums.index_add_(0, torch.as_tensor(labels[i]), aligned.double())
+        if progress is not None:
+            progress(len(i))
+    means = sums / torch.as_tensor(np.maximum(counts, 1), dtype=torch.float64)[:, None, None]
+    return means.float().numpy(), counts
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def load_embedding(path: str | os.PathLike, z_dim: int) -> dict[str, np.ndarray]:
+    """The arrays of an embed .npz, checked against the model's z dimension."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--embedding {path}: file not found")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    except Exception as e:
+        raise UserError(f"--embedding {path}: not a readable .npz ({type(e).__name__})") from None
+    missing = [k for k in NPZ_KEYS if k not in data]
+    if missing:
+        raise UserError(
+            f"--embedding {path}: no {', '.join(missing)} (not written by tvae-em embed)"
+        )
+    if data["z_mu"].ndim != 2 or data["z_mu"].shape[1] != z_dim:
+        raise UserError(
+            f"--embedding {path}: z has shape {data['z_mu'].shape} but the model has z_dim {z_dim}"
+            " (embedded with another run?)"
+        )
+    return data
+
+
+def open_particles(path, datadir, input_apix, box: int, n_embedded: int | None):
+    """ParticleStack of --particles, at the model's box and matching the embedding's length."""
+    from .io import ParticleStack
+
+    stack = ParticleStack.open(path, datadir=datadir, apix=input_apix)
+    if stack.box != box:
+        raise UserError(
+            f"--particles {path}: images are {stack.box} px but the model takes {box} px "
+            "(give the star that was embedded)"
+        )
+    if n_embedded is not None and len(stack) != n_embedded:
+        raise UserError(
+            f"--particles {path}: has {len(stack)} particles but the embedding has {n_embedded} "
+            "(give the star that was embedded)"
+        )
+    return stack
+
+
+def _class_labels(emb: dict[str, np.ndarray], classes: int | None, seed: int) -> np.ndarray:
+    """1-based classes (n,) from --classes (k-means) or the embedding (0 = unclassified -> 1)."""
+    n = len(emb["z_mu"])
+    if classes is not None:
+        if not 1 <= classes <= n:
+            raise UserError(
+                f"--classes {classes}: must be between 1 and the {n} embedded particles"
+            )
+        return assign_classes(emb["z_mu"], classes, seed)
+    labels = np.asarray(emb["class"], dtype=np.int64)
+    return np.where(labels > 0, labels, 1)
+
+
+def _check_numbers(size: int, n_steps: int, value_range: float, n_recon: int) -> None:
+    if not 8 <= size <= MAX_SIZE:
+        raise UserError(f"--size {size}: must be between 8 and {MAX_SIZE} pixels")
+    if not 2 <= n_steps <= MAX_STEPS:
+        raise UserError(f"--n-steps {n_steps}: must be between 2 and {MAX_STEPS}")
+    if not (math.isfinite(value_range) and value_range > 0):
+        raise UserError(f"--range {value_range}: must be a positive number of sds")
+    if n_recon < 1:
+        raise UserError(f"--n-recon {n_recon}: must be at least 1")
+
+
+# ---------------------------------------------------------------- figures
+
+
+def traversal_figure(path: Path, model, axes: LatentAxes, dims, steps, size, device) -> None:
+    """Rows: generated images along each chosen axis at canonical pose."""
+    z = traversal_latents(axes, dims, steps)  # (K, S, Z)
+    imgs = render(model, z.reshape(-1, z.shape[-1]), size, device=device)
+    grid = imgs.reshape(len(dims), len(steps), size, size)
+    figures.image_grid(
+        path,
+        [list(row) for row in grid],
+        f"Latent traversal at canonical pose ({size} px)",
+        row_labels=[axes.names[d] for d in dims],
+        col_labels=[f"{s:+.2g}" for s in steps],
+        xlabel=f"position along the axis ({axes.unit})",
+    )
+
+
+def plane_figure(path: Path, model, axes: LatentAxes, dims, steps, size, device) -> None:
+    """The plane of two axes as a grid (x: first axis, y: second, up = larger)."""
+    z = plane_latents(axes, dims, steps)  # (S, S, Z)
+    imgs = render(model, z.reshape(-1, z.shape[-1]), size, device=device)
+    grid = imgs.reshape(len(steps), len(steps), size, size)
+    a, b = dims
+    figures.image_grid(
+        path,
+        [list(row) for row in grid],
+        f"Latent plane {axes.names[a]} x {axes.names[b]} ({size} px)",
+        row_labels=[f"{s:+.2g}" for s in steps[::-1]],
+        col_labels=[f"{s:+.2g}" for s in steps],
+        xlabel=f"{axes.names[a]} ({axes.unit})",
+        ylabel=f"{axes.names[b]} ({axes.unit})",
+    )
+
+
+def reconstruction_figure(path: Path, trained, stack, n_recon, size, use_ctf, device) -> None:
+    """Particles (top) beside the generator at their inferred pose (below; x CTF if trained so)."""
+    model = trained.model
+    box = stack.box
+    idx = np.unique(np.linspace(0, len(stack) - 1, min(n_recon, len(stack))).round().astype(int))
+    norm = Normalisation(trained.norm_mean, trained.norm_sd)
+    y = torch.from_numpy(norm.apply(stack.read(idx)).astype(np.float32)).to(device)
+    with torch.inference_mode():
+        out = model.embed(y)
+    z, theta = out["z_mu"].cpu().numpy(), out["theta"].cpu().numpy()
+    t = out["t"].cpu().numpy() * size / box
+    rows = [list(y.cpu().numpy()), list(render(model, z, size, theta, t, device))]
+    labels = ["particle", "model"]
+    if use_ctf:
+        rows.append(list(_with_ctf(np.stack(rows[1]), stack, idx, size)))
+        labels.append("model x CTF")
+    psi = -np.degrees(theta)
+    figures.image_grid(
+        path,
+        rows,
+        f"Reconstructions at the inferred pose ({size} px)",
+        row_labels=labels,
+        col_labels=[f"#{i + 1} psi {p:+.0f}" for i, p in zip(idx, psi, strict=True)],
+        xlabel="particle number and inferred rlnAnglePsi (deg)",
+    )
+
+
+def _with_ctf(images: np.ndarray, stack, idx: np.ndarray, size: int) -> np.ndarray:
+    """Images (n, size, size) multiplied by their particles' CTFs (pixel size scaled to size)."""
+    from .ctf import apply_ctf, compute_ctf, ctf_params
+
+    params = ctf_params(stack).subset(idx)
+    apix = torch.as_tensor(stack.apix[idx] * stack.box / size)
+    return apply_ctf(torch.from_numpy(images), compute_ctf(size, apix, params)).numpy()
+
+
+def class_average_outputs(folder: Path, averages, counts, apix: float) -> list[Path]:
+    """class_averages.mrcs, .star (class sizes) and .png."""
+    from .io import write_stack, write_star
+
+    k, box = len(averages), averages.shape[-1]
+    mrcs, star, png = (folder / f"class_averages.{ext}" for ext in ("mrcs", "star", "png"))
+    write_stack(mrcs, [averages.astype(np.float32)], k, box, apix)
+    write_star(star, {"optics": _optics(apix, box), "particles": _class_table(counts, mrcs.name)})
+    per_row = min(k, 10)
+    titles = [f"class {j + 1} (n={c})" for j, c in enumerate(counts)]
+    figures.image_grid(
+        png,
+        [list(averages[i : i + per_row]) for i in range(0, k, per_row)],
+        "Aligned class averages",
+        panel_titles=[titles[i : i + per_row] for i in range(0, k, per_row)],
+    )
+    return [mrcs, star, png]
+
+
+def _optics(apix: float, box: int) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "rlnOpticsGroup": [1],
+            "rlnOpticsGroupName": ["opticsGroup1"],
+            "rlnImagePixelSize": [float(apix)],
+            "rlnImageSize": [int(box)],
+            "rlnImageDimensionality": [2],
+        }
+    )
+
+
+def _class_table(counts: np.ndarray, stack_name: str) -> pd.DataFrame:
+    k = len(counts)
+    return pd.DataFrame(
+        {
+            "rlnImageName": [f"{j + 1:06d}@{stack_name}" for j in range(k)],
+            "rlnOpticsGroup": 1,
+            "rlnClassNumber": np.arange(1, k + 1),
+            "rlnClassDistribution": counts / max(counts.sum(), 1),
+            "tvaeClassSize": counts.astype(np.int64),
+        }
+    )
+
+
+def scatter_figure(path: Path, emb: dict[str, np.ndarray], labels: np.ndarray) -> None:
+    """Embedded z (z1/z2, first principal axes when Z > 2, z1 vs ELBO when Z = 1) by class."""
+    z = np.asarray(emb["z_mu"], dtype=np.float64)
+    if z.shape[1] == 1:
+        elbo = emb.get("elbo")
+        has_elbo = elbo is not None and np.isfinite(elbo).any()
+        y = elbo if has_elbo else emb.get("confidence", np.zeros(len(z)))
+        x, xl, yl = z[:, 0], "z1", "ELBO (nats)" if has_elbo else "pose confidence"
+    elif z.shape[1] == 2:
+        x, y, xl, yl = z[:, 0], z[:, 1], "z1", "z2"
+    else:
+        axes = latent_axes(z.shape[1], z)
+        proj = (z - axes.centre) @ axes.axes[:2].T
+        x, y, xl, yl = proj[:, 0], proj[:, 1], axes.names[0], axes.names[1]
+    figures.scatter(path, x, y, labels, "Latent means (tvaeZ) by class", xl, yl)
+
+
+def histogram_figure(path: Path, emb: dict[str, np.ndarray]) -> None:
+    """Histograms of rlnAnglePsi and of the origins in Angstrom."""
+    origin = np.asarray(emb["origin_A"])
+    figures.histograms(
+        path,
+        [
+            (emb["psi_deg"], "rlnAnglePsi", "degrees"),
+            (origin[:, 0], "rlnOriginXAngst", "Angstrom"),
+            (origin[:, 1], "rlnOriginYAngst", "Angstrom"),
+        ],
+        f"Inferred poses of {len(origin)} particles",
+    )
+
+
+# ---------------------------------------------------------------- the command
+
+
+def generate_figures(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    embedding: str | os.PathLike | None = None,
+    particles: str | os.PathLike | None = None,
+    size: int | None = None,
+    n_steps: int = 9,
+    dims: str | None = None,
+    value_range: float = 2.5,
+    classes: int | None = None,
+    n_recon: int = 8,
+    datadir: str | os.PathLike | None = None,
+    input_apix: float | None = None,
+    device: str = "auto",
+    checkpoint: str = "last",
+    seed: int = 0,
+    progress: Progress | None = None,
+    on_start: Callable[[int], object] | None = None,
+) -> GenerateSummary:
+    """Write the PNGs (and class averages) of a run into out_dir; see docs/outputs.md."""
+    from .io import ensure_writable_dir
+    from .train import resolve_device
+
+    dev = resolve_device(device)
+    trained = load_model(run_dir, dev, checkpoint)
+    model, z_dim, box = trained.model, trained.model.cfg.z_dim, trained.model.cfg.box
+    size = size or box
+    _check_numbers(size, n_steps, value_range, n_recon)
+    emb = load_embedding(embedding, z_dim) if embedding else None
+    axes = latent_axes(z_dim, emb["z_mu"] if emb is not None else None)
+    chosen = parse_dims(dims, z_dim, "the latent space" if emb is None else "the embedded z")
+    n_emb = len(emb["z_mu"]) if emb is not None else None
+    stack = open_particles(particles, datadir, input_apix, box, n_emb) if particles else None
+    labels = _class_labels(emb, classes, seed) if emb is not None else None
+    use_ctf = stack is not None and run_uses_ctf(trained, stack) and _has_ctf(stack)
+    try:
+        folder = ensure_writable_dir(out_dir)
+    except UserError as e:
+        raise UserError(f"-o {out_dir}: {e}") from None
+
+    summary = GenerateSummary()
+    steps = step_values(n_steps, value_range)
+    summary.outputs.append(folder / "latent_traversal.png")
+    traversal_figure(summary.outputs[-1], model, axes, chosen, steps, size, dev)
+    if len(chosen) == 2:
+        summary.outputs.append(folder / "latent_plane.png")
+        plane_figure(summary.outputs[-1], model, axes, chosen, steps, size, dev)
+    if stack is not None:
+        summary.outputs.append(folder / "reconstructions.png")
+        reconstruction_figure(summary.outputs[-1], trained, stack, n_recon, size, use_ctf, dev)
+    else:
+        summary.notes.append("reconstructions need --particles")
+    if emb is None:
+        summary.notes.append("class averages, latent scatter and pose histograms need --embedding")
+        return summary
+    summary.outputs.append(folder / "latent_scatter.png")
+    scatter_figure(summary.outputs[-1], emb, labels)
+    summary.outputs.append(folder / "pose_histograms.png")
+    histogram_figure(summary.outputs[-1], emb)
+    if stack is None:
+        summary.notes.append("class averages need --particles (the star that was embedded)")
+        return summary
+    if on_start is not None:
+        on_start(len(stack))
+    norm = Normalisation(trained.norm_mean, trained.norm_sd)
+    flip = _flip_function(stack) if use_ctf else None
+    averages, counts = class_averages(
+        stack,
+        norm,
+        emb["theta_rad"],
+        emb["t_px"],
+        labels - 1,
+        int(labels.max()),
+        flip_for=flip,
+        progress=progress,
+    )
+    summary.outputs += class_average_outputs(folder, averages, counts, float(np.median(stack.apix)))
+    return summary
+
+
+def _has_ctf(stack) -> bool:
+    from .ctf import ctf_params
+
+    return ctf_params(stack) is not None
+
+
+def _flip_function(stack) -> Callable[[np.ndarray], torch.Tensor]:
+    """idx -> (B, D, D) CTFs of those particles (their signs phase-flip the images)."""
+    from .ctf import compute_ctf, ctf_params
+
+    params, apix = ctf_params(stack), stack.apix
+    return lambda idx: compute_ctf(stack.box, torch.as_tensor(apix[idx]), params.subset(idx))
