@@ -25,7 +25,9 @@ def main(star_path: str, truth_path: str) -> None:
     psi = np.deg2rad(star["rlnAnglePsi"].to_numpy())
     true_psi = np.deg2rad(truth["psi_deg"].to_numpy())
     classes = truth["class"].to_numpy()
-    ccs = [circular_correlation(psi[classes == k], true_psi[classes == k]) for k in np.unique(classes)]
+    ccs = [
+        circular_correlation(psi[classes == k], true_psi[classes == k]) for k in np.unique(classes)
+    ]
     rx, ry = shift_correlation(
         star[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(),
         truth[["originX_A", "originY_A"]].to_numpy(),
@@ -37,7 +39,9 @@ def main(star_path: str, truth_path: str) -> None:
     )
     if "rlnClassNumber" in star:
         acc = clustering_accuracy(star["rlnClassNumber"].to_numpy(), classes)
-        line += f"; clustering accuracy {100 * acc:.0f}% (chance {100 / len(np.unique(classes)):.0f}%)"
+        line += (
+            f"; clustering accuracy {100 * acc:.0f}% (chance {100 / len(np.unique(classes)):.0f}%)"
+        )
     print(line)
 
 

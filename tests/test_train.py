@@ -14,13 +14,12 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import TINY_MODEL, write_particle_set
 
 from tvae_em.checkpoint import load_checkpoint
 from tvae_em.cli import main
 from tvae_em.synthetic import glyphs
 from tvae_em.train import TrainingDiverged, TrainOptions, train
-
-from conftest import TINY_MODEL, write_particle_set
 
 BOX = 16
 
@@ -64,8 +63,12 @@ def test_resume_matches_uninterrupted_run(glyph_star, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     train(tiny_options(glyph_star, full, epochs=3), log=lambda m: None)
     train(tiny_options(glyph_star, part, epochs=1), log=lambda m: None)
-    train(tiny_options(glyph_star, part, epochs=3), resume=True, explicit={"epochs"},
-          log=lambda m: None)
+    train(
+        tiny_options(glyph_star, part, epochs=3),
+        resume=True,
+        explicit={"epochs"},
+        log=lambda m: None,
+    )
     a, b = state(full), state(part)
     assert a.keys() == b.keys()
     for k in a:
@@ -125,8 +128,18 @@ def _cli(args):
 
 def test_cli_train_and_resume(glyph_star, tmp_path):
     run = tmp_path / "run"
-    args = ["train", str(glyph_star), "-o", str(run), "--epochs", "1", "--batch-size", "24",
-            "--rotations", "4"]
+    args = [
+        "train",
+        str(glyph_star),
+        "-o",
+        str(run),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "24",
+        "--rotations",
+        "4",
+    ]
     r = _cli(args)
     assert r.exit_code == 0, r.output
     assert "Trained 1 epochs" in r.output
@@ -158,12 +171,26 @@ def test_cli_train_bad_input_and_resume_mismatch(glyph_star, tmp_path):
     r = _cli(["train", str(tmp_path / "missing.star"), "-o", str(tmp_path / "run")])
     assert r.exit_code == 2 and "missing.star" in r.output
     run = tmp_path / "run2"
-    r = _cli(["train", str(glyph_star), "-o", str(run), "--epochs", "1", "--rotations", "4",
-              "--batch-size", "16"])
+    r = _cli(
+        [
+            "train",
+            str(glyph_star),
+            "-o",
+            str(run),
+            "--epochs",
+            "1",
+            "--rotations",
+            "4",
+            "--batch-size",
+            "16",
+        ]
+    )
     assert r.exit_code == 0, r.output
     r = _cli(["train", "--resume", str(run), "--z-dim", "3"])
     assert r.exit_code == 2 and "z_dim" in r.output
-    r = _cli(["train", str(glyph_star), "-o", str(run), "--batch-size", "16"])  # would overwrite a trained run
+    r = _cli(
+        ["train", str(glyph_star), "-o", str(run), "--batch-size", "16"]
+    )  # would overwrite a trained run
     assert r.exit_code == 2 and "--resume" in r.output
     r = _cli(["train", "--resume", str(tmp_path / "nowhere")])
     assert r.exit_code == 2 and "nowhere" in r.output
@@ -176,9 +203,25 @@ def test_two_process_gloo_run(glyph_star, tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={port}", "-m", "tvae_em.cli", "train", str(glyph_star), "-o", str(run),
-           "--epochs", "1", "--batch-size", "8", "--rotations", "4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        "-m",
+        "tvae_em.cli",
+        "train",
+        str(glyph_star),
+        "-o",
+        str(run),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--rotations",
+        "4",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     m = pd.read_csv(run / "metrics.csv")

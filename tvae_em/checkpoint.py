@@ -107,7 +107,9 @@ class TrainedModel:
     path: Path
 
 
-def load_trained(run_dir: Path, device: str | torch.device = "cpu", which: str = "last") -> TrainedModel:
+def load_trained(
+    run_dir: Path, device: str | torch.device = "cpu", which: str = "last"
+) -> TrainedModel:
     """Rebuild the TargetVAE of a run folder from its checkpoint (state dict + config)."""
     from .model import ModelConfig, TargetVAE
 

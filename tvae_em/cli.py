@@ -1,4 +1,4 @@
-"""The `tvae-em` command line: thin click commands that parse options, call the library and print."""
+"""The `tvae-em` command line: thin click commands that parse options, call the library, print."""
 
 from __future__ import annotations
 
@@ -337,7 +337,8 @@ def train(ctx: click.Context, input, out_dir, resume, **kw) -> None:
         sys.exit(130)
     click.echo(
         f"Trained {res.epochs_done} epochs in {res.seconds:.0f} s ({res.particles_per_s:.1f} "
-        f"particles/s); final loss {res.last_loss:.4g}, best {res.best_loss:.4g}; run in {res.run_dir}/"
+        f"particles/s); final loss {res.last_loss:.4g}, best {res.best_loss:.4g}; "
+        f"run in {res.run_dir}/"
     )
 
 

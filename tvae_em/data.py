@@ -25,7 +25,7 @@ class Normalisation:
 
 
 def estimate_normalisation(stack, n_sample: int = 1000, seed: int = 0) -> Normalisation:
-    """Mean and sd of pixel values over a random sample of particles (cryoDRGN-style global norm)."""
+    """Mean and sd of pixel values over a random sample of particles (global, as cryoDRGN)."""
     rng = np.random.default_rng(seed)
     n = len(stack)
     idx = np.sort(rng.choice(n, size=min(n, n_sample), replace=False))
@@ -68,9 +68,7 @@ def epoch_batches(
     With several ranks every rank gets the same number of batches (the permutation is padded by
     wrapping around, as DistributedSampler does).
     """
-    order = (
-        np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    )
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     if world_size > 1:
         per_rank = -(-n // world_size)
         order = np.resize(order, per_rank * world_size)[rank::world_size]

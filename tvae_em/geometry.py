@@ -1,7 +1,7 @@
 """Image coordinates, rotations and shifts: the one pose convention used everywhere.
 
 Convention (see docs/conventions.md):
-- an image is an array ``img[row, col]`` of size D x D; the centre is pixel (D//2, D//2), as in RELION;
+- an image is an array ``img[row, col]`` of size D x D, centred on pixel (D//2, D//2) (RELION);
 - x = col - D//2 and y = row - D//2, in pixels (y grows with the row index, as RELION's alignment);
 - ``R(theta) = [[cos, -sin], [sin, cos]]`` acts on (x, y);
 - a particle at pose (theta, t) is ``T(t) R(theta) template``:
@@ -60,7 +60,9 @@ def align_images(img: torch.Tensor, theta: torch.Tensor, t: torch.Tensor) -> tor
     rot = rotation_matrix(theta.to(img.dtype))
     src = torch.einsum("bij,bpj->bpi", rot, p) + t[:, None, :]
     grid = (2.0 * (src + d // 2) / (d - 1) - 1.0).reshape(b, d, d, 2)
-    out = F.grid_sample(img[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    out = F.grid_sample(
+        img[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True
+    )
     return out[:, 0]
 
 

@@ -117,14 +117,16 @@ def parse_t_sd(spec: str | None, box: int, apix: float) -> float:
         else:
             value = float(s)
     except ValueError:
-        raise UserError(f"--t-sd {spec}: expected a number of pixels (e.g. 4 or 4px) or Angstrom (12A)") from None
+        raise UserError(
+            f"--t-sd {spec}: expected a number of pixels (e.g. 4 or 4px) or Angstrom (12A)"
+        ) from None
     if not math.isfinite(value) or value <= 0:
         raise UserError(f"--t-sd {spec}: must be positive")
     return value
 
 
 def distributed_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) when not distributed."""
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
@@ -184,7 +186,10 @@ class MetricsLog:
     def append(self, row: dict[str, float]) -> None:
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, fieldnames=METRIC_FIELDS).writerow(
-                {k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in METRIC_FIELDS}
+                {
+                    k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k])
+                    for k in METRIC_FIELDS
+                }
             )
 
 
@@ -300,7 +305,10 @@ def train(
     if n == 0:
         raise UserError(f"{opts.input}: no particles")
     if opts.batch_size < 1 or opts.batch_size > n:
-        raise UserError(f"--batch-size {opts.batch_size}: must be between 1 and the {n} particles of {opts.input}")
+        raise UserError(
+            f"--batch-size {opts.batch_size}: must be between 1 and the {n} particles "
+            f"of {opts.input}"
+        )
     if opts.epochs < 1:
         raise UserError(f"--epochs {opts.epochs}: must be at least 1")
 
@@ -313,7 +321,9 @@ def train(
             raise UserError(f"--resume {run_dir}: no checkpoint to resume from")
         ckpt = load_checkpoint(last, "cpu")
         if ckpt.get("fingerprint") != input_fingerprint(stack):
-            raise UserError(f"--resume {run_dir}: the run was trained on other data than {opts.input}")
+            raise UserError(
+                f"--resume {run_dir}: the run was trained on other data than {opts.input}"
+            )
     elif is_main:
         _prepare_run_dir(run_dir)
 
@@ -372,7 +382,8 @@ def train(
             logfile.flush()
 
     say(
-        f"tvae-em {__version__}: {n} particles, box {stack.box}, {model_cfg['likelihood']} likelihood, "
+        f"tvae-em {__version__}: {n} particles, box {stack.box}, "
+        f"{model_cfg['likelihood']} likelihood, "
         f"CTF {'on' if ctf_src is not None else 'off'}, device {device}, world size {world}"
     )
     if ckpt is not None:
@@ -385,12 +396,22 @@ def train(
     per_rank = -(-n // world)
     bar = progress if (progress is not None and is_main) else _no_progress
     try:
-        with sigterm_as_interrupt(), bar(per_rank * (opts.epochs - start_epoch), "training") as advance:
+        with (
+            sigterm_as_interrupt(),
+            bar(per_rank * (opts.epochs - start_epoch), "training") as advance,
+        ):
             for epoch in range(start_epoch + 1, opts.epochs + 1):
                 batches = epoch_batches(n, opts.batch_size, opts.seed, epoch, True, rank, world)
                 sums, seen, t0 = _run_epoch(
-                    train_model, optim, make_loader(dataset, batches, opts.num_workers),
-                    epoch, device, use_amp, ctf_src, stack, advance,
+                    train_model,
+                    optim,
+                    make_loader(dataset, batches, opts.num_workers),
+                    epoch,
+                    device,
+                    use_amp,
+                    ctf_src,
+                    stack,
+                    advance,
                 )
                 sums = _all_reduce(sums, device) if world > 1 else sums
                 total = sums.pop("count")
@@ -399,25 +420,36 @@ def train(
                 seen_total += seen * world
                 last_loss = row["loss"]
                 sched.step(last_loss)
-                row.update(epoch=epoch, lr=optim.param_groups[0]["lr"], particles_per_s=seen * world / dt, seconds=dt)
+                row.update(
+                    epoch=epoch,
+                    lr=optim.param_groups[0]["lr"],
+                    particles_per_s=seen * world / dt,
+                    seconds=dt,
+                )
                 if is_main:
                     metrics.append(row)
                     is_best = last_loss < best
                     best = min(best, last_loss)
                     if epoch % opts.checkpoint_every == 0 or epoch == opts.epochs or is_best:
-                        payload = _payload(model, optim, sched, epoch, best, model_cfg, opts, norm, stack)
+                        payload = _payload(
+                            model, optim, sched, epoch, best, model_cfg, opts, norm, stack
+                        )
                         if epoch % opts.checkpoint_every == 0 or epoch == opts.epochs:
                             save_checkpoint(run_dir / CHECKPOINT_DIR / LAST, payload)
                         if is_best:
                             save_checkpoint(run_dir / CHECKPOINT_DIR / BEST, payload)
                     say(
-                        f"epoch {epoch}/{opts.epochs}: loss {last_loss:.4g} (log-lik {row['log_lik']:.4g}, "
-                        f"KL t,r {row['kl_tr']:.3g}, theta {row['kl_theta']:.3g}, z {row['kl_z']:.3g}), "
+                        f"epoch {epoch}/{opts.epochs}: loss {last_loss:.4g} "
+                        f"(log-lik {row['log_lik']:.4g}, KL t,r {row['kl_tr']:.3g}, "
+                        f"theta {row['kl_theta']:.3g}, z {row['kl_z']:.3g}), "
                         f"{row['particles_per_s']:.1f} particles/s"
                     )
     except KeyboardInterrupt:
         interrupted = True
-        say(f"interrupted in epoch {epoch}; the last checkpoint is kept: resume with --resume {run_dir}")
+        say(
+            f"interrupted in epoch {epoch}; the last checkpoint is kept: "
+            f"resume with --resume {run_dir}"
+        )
     except TrainingDiverged as e:
         say(str(e))
         raise

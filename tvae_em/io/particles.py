@@ -62,7 +62,10 @@ class ParticleStack:
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def open(
-        cls, path: str | os.PathLike, datadir: str | os.PathLike | None = None, apix=None
+        cls,
+        path: str | os.PathLike,
+        datadir: str | os.PathLike | None = None,
+        apix: float | None = None,
     ) -> ParticleStack:
         """Open a .star (RELION 3.0/3.1+), .cs (cryoSPARC) or .mrcs/.mrc stack, without pixel data.
 
@@ -139,9 +142,10 @@ class ParticleStack:
     ) -> ParticleStack:
         """Resolve stack files, check their headers against the particles, settle pixel sizes."""
         codes, uniques = pd.factorize(pd.Series(stack_names).astype(str))
+        firsts = np.unique(codes, return_index=True)[1]  # first particle of each stack
         files, headers = [], []
         for code, name in enumerate(uniques):
-            first = int(np.argmax(codes == code))
+            first = int(firsts[code])
             resolved = _resolve(name, bases, datadir)
             if resolved is None:
                 where = ", ".join(str(b) for b in [*bases, datadir, Path.cwd()] if b is not None)
@@ -248,25 +252,25 @@ class ParticleStack:
 # ---- helpers ---------------------------------------------------------------------------------
 def _split_image_names(names: pd.Series, path: Path) -> tuple[np.ndarray, pd.Series]:
     """rlnImageName "N@stack" -> (0-based image index, stack name); a bare name means image 1."""
-    parts = names.str.split("@", n=1, expand=True)
-    if parts.shape[1] == 1:
-        parts[1] = None
-    has_at = parts[1].notna().to_numpy()
-    stack = parts[1].where(has_at, parts[0])
-    number = pd.to_numeric(parts[0].where(has_at, "1"), errors="coerce").to_numpy(np.float64)
-    bad = ~np.isfinite(number) | (number < 1) | (number != np.round(number))
-    if bad.any():
-        i = int(np.argmax(bad))
+    parts = [name.partition("@") for name in names.tolist()]  # fast on millions of rows
+    stacks = [stack if at else number for number, at, stack in parts]
+    numbers = [number if at else "1" for number, at, _ in parts]
+    try:
+        index = np.array(numbers).astype(np.int64)
+    except ValueError:
+        index = None
+    if index is None or (index < 1).any():
+        i = next((k for k, v in enumerate(numbers) if not (v.strip().isdigit() and int(v) >= 1)), 0)
         raise UserError(
             f"particle {i + 1} of {path} has a bad rlnImageName '{names.iloc[i]}' "
             "(expected N@stack with N >= 1)"
         )
-    if (stack.str.len() == 0).any():
-        i = int(np.argmax((stack.str.len() == 0).to_numpy()))
+    if not all(stacks):
+        i = stacks.index("")
         raise UserError(
             f"particle {i + 1} of {path} has no stack file in rlnImageName '{names.iloc[i]}'"
         )
-    return number.astype(np.int64) - 1, stack
+    return index - 1, pd.Series(stacks, dtype=object)
 
 
 def _resolve(name: str, bases: list[Path], datadir: Path | None) -> Path | None:

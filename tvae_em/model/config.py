@@ -37,6 +37,7 @@ class ModelConfig:
     encoder_fields: int = 16  # regular fields (x rotations channels) after the lifting layer
     encoder_hidden_fields: int = 16  # regular fields of each 1x1 layer
     encoder_layers: int = 2  # number of 1x1 regular -> regular layers before the heads
+    attention_gain: float = 10.0  # fixed factor on the attention head: lets q(t, r) sharpen fast
     generator_hidden: int = 512
     generator_layers: int = 2
     fourier_features: int = 256
@@ -73,6 +74,7 @@ class ModelConfig:
             (self.encoder_fields >= 1, "encoder_fields must be >= 1"),
             (self.encoder_hidden_fields >= 1, "encoder_hidden_fields must be >= 1"),
             (self.encoder_layers >= 0, "encoder_layers must be >= 0"),
+            (self.attention_gain > 0, "attention_gain must be > 0"),
             (self.generator_hidden >= 1, "generator_hidden must be >= 1"),
             (self.generator_layers >= 1, "generator_layers must be >= 1"),
             (self.fourier_features >= 1, "fourier_features must be >= 1"),

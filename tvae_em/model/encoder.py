@@ -169,6 +169,9 @@ class EquivariantEncoder(nn.Module):
             self.head.conv.bias[2] = math.log(math.pi / n)
         # e2cnn's generator rotates the other way in (row, col) arrays: bin r <- e2cnn bin -r
         self.register_buffer("bin_order", (-torch.arange(n)) % n, persistent=False)
+        gain = torch.ones(self.out_fields, 1)
+        gain[0] = cfg.attention_gain
+        self.register_buffer("field_gain", gain, persistent=False)  # (F, 1)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         b, d, _ = y.shape
@@ -177,7 +180,7 @@ class EquivariantEncoder(nn.Module):
             h = layer(F.leaky_relu(h, LEAKY_SLOPE))  # (B, D, D, C')
         h = self.head(F.leaky_relu(h, LEAKY_SLOPE))  # (B, D, D, F * N), field-major channels
         h = h.reshape(b, d, d, self.out_fields, self.rotations).index_select(4, self.bin_order)
-        return h.permute(0, 3, 4, 1, 2)  # (B, F, N, D, D)
+        return (h * self.field_gain).permute(0, 3, 4, 1, 2)  # (B, F, N, D, D)
 
     def export(self) -> EquivariantEncoder:
         """A copy whose e2cnn layers are replaced by plain-torch equivalents (for inference)."""

@@ -72,8 +72,19 @@ class TargetVAE(nn.Module):
                             f"{self.cfg.box}")
         return posterior_from_maps(self.encoder(y), self.log_pr)
 
-    def _log_lik(self, y, theta, t, z, ctf, fraction: float) -> torch.Tensor:
-        """(B,) log p(y | pose, z), unbiased from a random pixel subset when fraction < 1."""
+    def log_likelihood(
+        self,
+        y: torch.Tensor,
+        theta: torch.Tensor,
+        t: torch.Tensor,
+        z: torch.Tensor,
+        ctf: torch.Tensor | None = None,
+        fraction: float = 1.0,
+    ) -> torch.Tensor:
+        """(B,) log p(y | theta, t, z); unbiased estimate from a random pixel subset if fraction < 1.
+
+        The subset's sum is scaled by D*D / n_subset. A CTF forces all pixels (it mixes them).
+        """
         b, d, _ = y.shape
         npix = d * d
         yflat = y.reshape(b, npix).float()
@@ -93,7 +104,7 @@ class TargetVAE(nn.Module):
     def _elbo(self, y, post, ctf, fraction) -> dict[str, torch.Tensor]:
         kl_tr, kl_theta, kl_z = kl_terms(post, self.log_pt, self.log_pr)
         theta, t, z = sample_pose_latent(post, self.cfg.rotations, self.cfg.box, self.cfg.tau)
-        log_lik = self._log_lik(y, theta, t, z, ctf, fraction)
+        log_lik = self.log_likelihood(y, theta, t, z, ctf, fraction)
         elbo = log_lik - kl_tr - kl_theta - kl_z
         return {"elbo": elbo, "log_lik": log_lik, "kl_tr": kl_tr, "kl_theta": kl_theta,
                 "kl_z": kl_z}
