@@ -178,8 +178,9 @@ def class_average_scores(
     """Correlation of pose-aligned class averages with the true (CTF-free) templates.
 
     Averages of the embedded particles (phase-flipped when the star has defocus) aligned with the
-    predicted poses, over true classes (pose accuracy alone) and over k-means classes (what a user
-    gets; matched one-to-one to templates). Templates are Fourier-resized to the particles' box.
+    predicted poses, over true classes (pose accuracy alone: tc_true) and over k-means classes (what
+    a user gets, matched one-to-one to templates: tc_kmeans); bounds: the true poses (tc_oracle)
+    and random angles without shifts (tc_random). Templates are Fourier-resized to the box.
     """
     import mrcfile
     import torch
@@ -208,7 +209,13 @@ def class_average_scores(
     true_labels = truth["class"].to_numpy()
     scale = stack.box / sim_box  # the truth is in pixels of the simulated (template) box
     true_pose = (truth["theta_rad"].to_numpy(), truth[["tx_px", "ty_px"]].to_numpy() * scale)
-    sets = {"tc_oracle": (true_labels, *true_pose), "tc_true": (true_labels, theta, t)}
+    rng = np.random.default_rng(0)
+    no_pose = (rng.uniform(-np.pi, np.pi, len(theta)), np.zeros_like(t))  # the floor
+    sets = {
+        "tc_oracle": (true_labels, *true_pose),
+        "tc_random": (true_labels, *no_pose),
+        "tc_true": (true_labels, theta, t),
+    }
     if kmeans_labels is not None:
         sets["tc_kmeans"] = (kmeans_labels, theta, t)
     out = {}
@@ -251,27 +258,36 @@ def run_pipeline(
     unrotated_star: Path | None = None,
 ) -> dict[str, object]:
     """train + embed (+ embed of the unrotated set) + scores; the result row."""
+    pipe.run("train", "train", star, "-o", pipe.work / "run", *train_args(opts), *train_extra)
+    return embed_and_score(pipe, star, truth_csv, k, opts, templates, unrotated_star)
+
+
+def embed_and_score(
+    pipe: Pipeline,
+    star: Path,
+    truth_csv: Path,
+    k: int,
+    opts: dict,
+    templates: Path | None = None,
+    unrotated_star: Path | None = None,
+) -> dict[str, object]:
+    """embed (+ embed of the unrotated set) with the trained pipe.work/run + scores: the row."""
     run_dir = pipe.work / "run"
-    pipe.run("train", "train", star, "-o", run_dir, *train_args(opts), *train_extra)
     emb_star = pipe.work / "embedded.star"
     pipe.run("embed", "embed", run_dir, star, "-o", emb_star, "--no-elbo", "--device",
              opts["device"])  # fmt: skip
-    emb = load_npz(emb_star.with_suffix(".npz"))
-    unrot = None
     if unrotated_star is not None:
         u_star = pipe.work / "embedded_unrotated.star"
         pipe.run("embed", "embed", run_dir, unrotated_star, "-o", u_star, "--no-elbo",
                  "--device", opts["device"])  # fmt: skip
-        unrot = load_npz(u_star.with_suffix(".npz"))
-    truth = pd.read_csv(truth_csv)
     t0 = time.perf_counter()
-    scores = score_embedding(emb, truth, k, unrot, seed=opts["seed"])
-    km = scores.pop("_kmeans_labels")
-    if templates is not None and templates.is_file():
-        scores.update(class_average_scores(star, emb, truth, templates, km))
+    inputs = {"star": star, "truth": truth_csv, "k": k, "templates": templates}
+    scores = score_run(pipe.work, inputs, seed=opts["seed"])
     pipe.timings["score"] = time.perf_counter() - t0
     row = {"name": pipe.name, **scores, **train_stats(run_dir)}
     row.update(
+        inputs={k_: str(v) if isinstance(v, Path) else v for k_, v in inputs.items()},
+        work=str(pipe.work),
         options={k_: v for k_, v in opts.items() if k_ not in ("results", "work")},
         commands=pipe.commands,
         wall_seconds=pipe.timings,
@@ -279,6 +295,21 @@ def run_pipeline(
         finished=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
     return row
+
+
+def score_run(work: Path, inputs: dict, seed: int = 0) -> dict[str, object]:
+    """Scores of a finished run folder: work/embedded.npz (+ work/embedded_unrotated.npz) against
+    inputs["truth"]; class averages of inputs["star"] when inputs["templates"] exists."""
+    emb = load_npz(work / "embedded.npz")
+    u_npz = work / "embedded_unrotated.npz"
+    unrot = load_npz(u_npz) if u_npz.is_file() else None
+    truth = pd.read_csv(inputs["truth"])
+    scores = score_embedding(emb, truth, int(inputs["k"]), unrot, seed=seed)
+    km = scores.pop("_kmeans_labels")
+    templates = inputs.get("templates")
+    if templates is not None and Path(templates).is_file():
+        scores.update(class_average_scores(Path(inputs["star"]), emb, truth, Path(templates), km))
+    return scores
 
 
 def mnist_suite(opts: dict) -> dict[str, object]:
@@ -327,7 +358,8 @@ def particles_suite(opts: dict) -> dict[str, object]:
     pipe = _pipeline(name, opts)
     data = pipe.work / "data"
     sim = ["simulate", "particles", "-o", data, "--n", opts["n"], "--snr", opts["snr"],
-           "--views", opts["views"], "--seed", opts["seed"], "--apix", opts["sim_apix"]]  # fmt: skip
+           "--views", opts["views"], "--seed", opts["seed"],
+           "--apix", opts["sim_apix"]]  # fmt: skip
     if vol != "blob":
         sim += ["--volume", vol]
     else:
@@ -353,7 +385,10 @@ def particles_suite(opts: dict) -> dict[str, object]:
 def glyphs_suite(opts: dict) -> dict[str, object]:
     """Glyphs (letters F, L, P, ...), optionally noisy: simulate, train, embed, score."""
     snr = opts.get("snr")
-    name = f"glyphs_v{opts['views']}_snr{snr or 'inf'}_z{opts['z_dim']}_n{opts['n']}_e{opts['epochs']}_s{opts['seed']}"
+    name = (
+        f"glyphs_v{opts['views']}_snr{snr or 'inf'}_z{opts['z_dim']}_n{opts['n']}"
+        f"_e{opts['epochs']}_s{opts['seed']}"
+    )
     pipe = _pipeline(name, opts)
     data = pipe.work / "data"
     sim = ["simulate", "glyphs", "-o", data, "--n", opts["n"], "--box", opts["box"],
@@ -365,7 +400,9 @@ def glyphs_suite(opts: dict) -> dict[str, object]:
         pipe, data / "particles.star", data / "truth.csv", opts["views"], opts,
         templates=data / "templates.mrcs",
     )  # fmt: skip
-    row.update(suite="glyphs", data=f"glyphs {opts['views']} classes, {opts['n']} x {opts['box']} px")
+    row.update(
+        suite="glyphs", data=f"glyphs {opts['views']} classes, {opts['n']} x {opts['box']} px"
+    )
     return row
 
 
@@ -402,6 +439,7 @@ COLUMNS = [
     ("acc", "acc z", "{:.1%}"),
     ("acc_mu_sd", "acc [mu,sd]", "{:.1%}"),
     ("tc_oracle", "TC true poses", "{:.3f}"),
+    ("tc_random", "TC random poses", "{:.3f}"),
     ("tc_true", "TC true cls", "{:.3f}"),
     ("tc_kmeans", "TC k-means", "{:.3f}"),
     ("train_seconds", "train s", "{:.0f}"),
@@ -413,7 +451,9 @@ def markdown_row(row: dict) -> str:
     cells = []
     for key, _, fmt in COLUMNS:
         v = row.get(key)
-        cells.append("-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v))
+        cells.append(
+            "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+        )
     return "| " + " | ".join(cells) + " |"
 
 
@@ -461,6 +501,11 @@ done
 for mode in N U; do for z in 2 32; do
   python benchmarks/validate.py --work /scratch/tvae-validate mnist --mode $mode --z-dim $z \\
       --n 10000 --epochs 500 --batch-size 100 --lr 2e-4 --device cuda
+done; done
+# issue 6's CTF comparison at full size (64 px, 2 A/px), 10,000 particles per set:
+for snr in 0.1 0.05; do for c in --ctf --no-ctf; do
+  python benchmarks/validate.py --work /scratch/tvae-validate particles --snr $snr $c \\
+      --n 10000 --box 64 --epochs 200 --batch-size 100 --lr 2e-4 --pixel-fraction 1 --device cuda
 done; done
 python benchmarks/validate.py table"""
 
@@ -523,7 +568,7 @@ def mnist(ctx: click.Context, **opts) -> None:
 @click.option("--views", type=int, default=3, show_default=True, help="Classes (directions).")
 @click.option("--n", type=int, default=1000, show_default=True)
 @click.option("--sim-apix", type=float, default=2.0, show_default=True,
-              help="Pixel size (A) of the simulation; the volume's voxel size is taken as this.")  # fmt: skip
+              help="Pixel size (A) of the simulation (= the volume's voxel size).")  # fmt: skip
 @click.option("--sim-box", type=int, default=64, show_default=True, help="Blob volume size.")
 @click.option("--box", type=int, default=32, show_default=True, help="preprocess --size.")
 @common
@@ -551,6 +596,30 @@ def table(ctx: click.Context) -> None:
     """Print every result row in the results folder as one markdown table."""
     rows = load_rows(ctx.obj["results"])
     click.echo(markdown_table(rows) if rows else f"no results in {ctx.obj['results']}")
+
+
+@main.command()
+@click.argument("names", nargs=-1)
+@click.pass_context
+def rescore(ctx: click.Context, names: tuple[str, ...]) -> None:
+    """Recompute the scores of finished runs (all, or NAMES) from their embed outputs."""
+    results = ctx.obj["results"]
+    rows = [r for r in load_rows(results) if not names or r["name"] in names]
+    for row in rows:
+        work = Path(row.get("work", ctx.obj["work"] / row["name"]))
+        inputs = row.get("inputs") or _inferred_inputs(row, work)
+        row.update(score_run(work, inputs, seed=row["options"]["seed"]), inputs=inputs)
+        save_row(row, results)
+    click.echo(markdown_table(rows))
+
+
+def _inferred_inputs(row: dict, work: Path) -> dict:
+    """Inputs of a row written before rows recorded them, from the suite's folder layout."""
+    star = work / ("prep" if row["suite"] == "particles" else "data") / "particles.star"
+    k = {"mnist": 10}.get(row["suite"], row["options"].get("views"))
+    templates = work / "data" / "templates.mrcs"
+    return {"star": str(star), "truth": str(work / "data" / "truth.csv"), "k": k,
+            "templates": str(templates) if templates.is_file() else None}  # fmt: skip
 
 
 @main.command("gpu-command")

@@ -12,8 +12,16 @@ from tvae_em.model.encoder import correlate, fft_correlate
 
 
 def small_model(box: int = 21, rotations: int = 8, seed: int = 0) -> TargetVAE:
-    cfg = ModelConfig(box=box, rotations=rotations, z_dim=2, encoder_fields=4,
-                      encoder_hidden_fields=4, generator_hidden=16, fourier_features=8, seed=seed)
+    cfg = ModelConfig(
+        box=box,
+        rotations=rotations,
+        z_dim=2,
+        encoder_fields=4,
+        encoder_hidden_fields=4,
+        generator_hidden=16,
+        fourier_features=8,
+        seed=seed,
+    )
     return TargetVAE(cfg).eval()
 
 
@@ -58,8 +66,9 @@ def test_export_gives_same_maps():
     model = small_model()
     y = torch.randn(2, 21, 21)
     with torch.no_grad():
-        torch.testing.assert_close(model.export_for_inference().encoder(y), model.encoder(y),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model.export_for_inference().encoder(y), model.encoder(y), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_embedding_under_rot90():
@@ -78,28 +87,42 @@ def test_embedding_under_rot90():
     torch.testing.assert_close(b["confidence"], a["confidence"], atol=1e-5, rtol=1e-4)
 
 
-def test_rotation_by_one_bin_moves_winning_bin_by_one():
-    """45-degree rotations (N = 8) are not exact on the pixel grid: the winning bin still moves by
-    +1 and the rotated maps correlate with the expected ones (measured >= 0.97; tested > 0.9)."""
+def centred_corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise Pearson correlation of (K, P) tensors."""
+    return F.cosine_similarity(a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True), dim=1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rotation_by_one_bin_is_approximately_equivariant(seed):
+    """45-degree rotations (N = 8) are not exact on the pixel grid. Stated tolerance: every output
+    map of the rotated image correlates > 0.98 with the original's maps rotated by 45 degrees and
+    shifted one bin (measured >= 0.985 over seeds 0-2), and the per-bin peak logit profile moves
+    by +1 bin. (The winning bin's step is tested on a trained model in test_model_learning.)"""
     n, box = 8, 25
-    model = small_model(box=box, rotations=n, seed=1)
-    base = blob_glyph(box)
+    model = small_model(box=box, rotations=n, seed=seed)
     angles = torch.arange(8) * (2 * math.pi / n)  # 8 copies, each one bin further
-    y = transform_images(base.expand(8, box, box).contiguous(), angles, torch.zeros(8, 2))
+    y = transform_images(
+        blob_glyph(box).expand(8, box, box).contiguous(), angles, torch.zeros(8, 2)
+    )
     with torch.no_grad():
-        e = model.embed(y)
-        maps = model.encoder(y)[:, 0]  # attention logits (8, N, D, D)
-    assert torch.equal((e["r"] - e["r"][0]) % n, torch.arange(8))
-    # maps of copy k+1 against maps of copy k rotated by one bin (space and rotation axis)
-    rotated = transform_images(maps[:-1].reshape(-1, box, box),
-                               torch.full((7 * n,), 2 * math.pi / n), torch.zeros(7 * n, 2))
-    rotated = torch.roll(rotated.reshape(7, n, box, box), 1, dims=1)
+        maps = model.encoder(y)  # (8, F, N, D, D)
+    f = maps.shape[1]
+    rotated = transform_images(
+        maps[:-1].reshape(-1, box, box),
+        torch.full((7 * f * n,), 2 * math.pi / n),
+        torch.zeros(7 * f * n, 2),
+    )
+    rotated = torch.roll(rotated.reshape(7, f, n, box, box), 1, dims=2)
     inner = slice(4, box - 4)  # away from the corners that rotate out of the box
-    a = rotated[..., inner, inner].reshape(7, -1)
-    b = maps[1:, :, inner, inner].reshape(7, -1)
-    corr = F.cosine_similarity(a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True), dim=1)
-    print("45-degree map correlations:", [round(float(c), 4) for c in corr])
-    assert corr.min() > 0.9
+    a = rotated[..., inner, inner].reshape(7 * f, -1)
+    b = maps[1:, ..., inner, inner].reshape(7 * f, -1)
+    corr = centred_corr(a, b)
+    print(f"seed {seed}: 45-degree map correlation min {corr.min():.4f}")
+    assert corr.min() > 0.98
+    profile = maps[:, 0].amax((-2, -1))  # (8 copies, N): best logit in each bin
+    right = centred_corr(torch.roll(profile[:-1], 1, dims=1), profile[1:])
+    wrong = centred_corr(torch.roll(profile[:-1], -1, dims=1), profile[1:])
+    assert right.min() > 0.9 and (right > wrong).all()  # measured >= 0.92
 
 
 def test_shift_moves_maps_by_cells():
@@ -125,4 +148,17 @@ def test_fft_correlation_equals_direct_convolution(box, kernel):
     filt = torch.randn(5, 1, kernel, kernel)
     direct = F.conv2d(x, filt, padding=kernel // 2)
     torch.testing.assert_close(fft_correlate(x, filt), direct, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(correlate(x, filt), direct, atol=1e-4, rtol=1e-4)
+    bias = torch.randn(5)
+    torch.testing.assert_close(
+        correlate(x, filt, bias), direct + bias[:, None, None], atol=1e-4, rtol=1e-4
+    )
+
+
+def test_fft_correlation_gradients_equal_direct_convolution():
+    x = torch.randn(3, 1, 13, 13, dtype=torch.float64, requires_grad=True)
+    filt = torch.randn(4, 1, 7, 7, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 4, 13, 13, dtype=torch.float64)
+    gx, gf = torch.autograd.grad((fft_correlate(x, filt).double() * g).sum(), (x, filt))
+    dx, df = torch.autograd.grad((F.conv2d(x, filt, padding=3) * g).sum(), (x, filt))
+    torch.testing.assert_close(gx.double(), dx, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gf.double(), df, atol=1e-4, rtol=1e-4)

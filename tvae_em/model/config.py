@@ -34,7 +34,7 @@ class ModelConfig:
     likelihood: str = "gaussian"  # "gaussian" or "bernoulli"
     learn_sigma: bool = False  # Gaussian only: learn one log-sigma instead of unit variance
     encoder_kernel: int | None = None  # odd lifting-kernel side; None: about 0.55 * box
-    encoder_fields: int = 16  # regular fields (x rotations channels) after the lifting layer
+    encoder_fields: int = 8  # learned templates: regular fields (x N channels) of the lifting layer
     encoder_hidden_fields: int = 16  # regular fields of each 1x1 layer
     encoder_layers: int = 2  # number of 1x1 regular -> regular layers before the heads
     attention_gain: float = 10.0  # fixed factor on the attention head: lets q(t, r) sharpen fast
@@ -79,8 +79,10 @@ class ModelConfig:
             (self.generator_layers >= 1, "generator_layers must be >= 1"),
             (self.fourier_features >= 1, "fourier_features must be >= 1"),
             (self.fourier_scale_px > 0, "fourier_scale_px must be > 0"),
-            (0 < self.pixel_fraction <= 1, f"pixel_fraction must be in (0, 1], got "
-             f"{self.pixel_fraction}"),
+            (
+                0 < self.pixel_fraction <= 1,
+                f"pixel_fraction must be in (0, 1], got {self.pixel_fraction}",
+            ),
             (self.tau > 0, f"Gumbel-softmax temperature must be > 0, got {self.tau}"),
         ]
         for ok, msg in checks:

@@ -48,11 +48,10 @@ def fft_correlate(x: torch.Tensor, filt: torch.Tensor) -> torch.Tensor:
     """Exact linear 'same' cross-correlation (as F.conv2d, padding k//2) of x with an odd filter.
 
     x: (B, 1, D, D); filt: (C, 1, k, k) -> (B, C, D, D). Computed in float32 whatever autocast says.
+    The zero padding to n >= D + k - 1 makes the circular FFT correlation equal the linear one.
     """
-    d = x.shape[-1]
-    k = filt.shape[-1]
-    n = _fast_len(d + k - 1)
-    p = k // 2
+    d, k = x.shape[-1], filt.shape[-1]
+    n, p = _fast_len(d + k - 1), k // 2
     with torch.autocast(x.device.type, enabled=False):
         # filter placed with its centre at index 0 (wrapped) so output index equals pixel index
         fpad = F.pad(filt[:, 0].float(), (0, n - k, 0, n - k)).roll((-p, -p), dims=(-2, -1))
@@ -68,11 +67,14 @@ def use_fft(box: int, kernel: int) -> bool:
     return box * box * kernel * kernel > 30 * n * n * math.log2(n * n)
 
 
-def correlate(x: torch.Tensor, filt: torch.Tensor) -> torch.Tensor:
-    """Linear 'same' correlation (B, 1, D, D) x (C, 1, k, k) -> (B, C, D, D), fastest exact way."""
+def correlate(x: torch.Tensor, filt: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Linear 'same' correlation (B, 1, D, D) x (C, 1, k, k) + bias (C,) -> (B, C, D, D).
+
+    Direct convolution or FFT, whichever is faster for this size; both are exact.
+    """
     if use_fft(x.shape[-1], filt.shape[-1]):
-        return fft_correlate(x, filt)
-    return F.conv2d(x, filt.to(x.dtype), padding=filt.shape[-1] // 2)
+        return fft_correlate(x, filt) + bias[None, :, None, None]
+    return F.conv2d(x, filt.to(x.dtype), bias.to(x.dtype), padding=filt.shape[-1] // 2)
 
 
 class FFTLiftingConv(nn.Module):
@@ -91,7 +93,7 @@ class FFTLiftingConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         filt, bias = self.conv.expand_parameters()  # (C, 1, k, k), (C,)
-        return correlate(x, filt) + bias[None, :, None, None]  # (B, C, D, D)
+        return correlate(x, filt, bias)  # (B, C, D, D)
 
     def export(self) -> nn.Module:
         """The same layer with a fixed plain-torch filter."""
@@ -109,7 +111,7 @@ class FixedFFTConv(nn.Module):
         self.register_buffer("bias", bias)  # (C,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return correlate(x, self.filt) + self.bias[None, :, None, None]
+        return correlate(x, self.filt, self.bias)
 
 
 class Regular1x1(nn.Module):
@@ -177,8 +179,8 @@ class EquivariantEncoder(nn.Module):
         b, d, _ = y.shape
         h = self.lift(y[:, None]).permute(0, 2, 3, 1)  # (B, D, D, C) channels-last view
         for layer in self.hidden:
-            h = layer(F.leaky_relu(h, LEAKY_SLOPE))  # (B, D, D, C')
-        h = self.head(F.leaky_relu(h, LEAKY_SLOPE))  # (B, D, D, F * N), field-major channels
+            h = layer(F.leaky_relu(h, LEAKY_SLOPE, inplace=True))  # (B, D, D, C')
+        h = self.head(F.leaky_relu(h, LEAKY_SLOPE, inplace=True))  # (B, D, D, F * N), field-major
         h = h.reshape(b, d, d, self.out_fields, self.rotations).index_select(4, self.bin_order)
         return (h * self.field_gain).permute(0, 3, 4, 1, 2)  # (B, F, N, D, D)
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+LEAKY_SLOPE = 0.01
 
 
 class SpatialGenerator(nn.Module):
@@ -31,13 +34,16 @@ class SpatialGenerator(nn.Module):
         self.phase = nn.Parameter(torch.rand(features) * 2 * math.pi)  # (F,)
         self.coord = nn.Linear(features, hidden)
         self.latent = nn.Linear(z_dim, hidden, bias=False)
-        body: list[nn.Module] = [nn.LeakyReLU()]
+        body: list[nn.Module] = []
         for _ in range(layers - 1):
-            body += [nn.Linear(hidden, hidden), nn.LeakyReLU()]
+            body += [nn.Linear(hidden, hidden), nn.LeakyReLU(LEAKY_SLOPE, inplace=True)]
         body.append(nn.Linear(hidden, 1))
         self.body = nn.Sequential(*body)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        feats = torch.cos(torch.matmul(x, self.freq.T) + self.phase)  # (B, P, F)
-        h = self.coord(feats) + self.latent(z)[:, None, :]  # (B, P, H)
+        with torch.autocast(x.device.type, enabled=False):  # phases need float32 precision
+            feats = torch.cos(torch.matmul(x.float(), self.freq.T) + self.phase)  # (B, P, F)
+        h = F.linear(feats, self.coord.weight)  # (B, P, H)
+        h += (self.coord.bias + self.latent(z))[:, None, :]  # z enters linearly, per image
+        h = F.leaky_relu(h, LEAKY_SLOPE, inplace=True)  # in place: saves two passes per step
         return self.body(h)[..., 0]  # (B, P)

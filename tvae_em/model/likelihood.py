@@ -12,8 +12,9 @@ from torch import nn
 
 def choose_likelihood(sample_images: np.ndarray | torch.Tensor) -> str:
     """'bernoulli' when every pixel lies in [0, 1] (digit-like data), else 'gaussian'."""
-    x = torch.as_tensor(np.asarray(sample_images) if not torch.is_tensor(sample_images)
-                        else sample_images)
+    x = torch.as_tensor(
+        np.asarray(sample_images) if not torch.is_tensor(sample_images) else sample_images
+    )
     return "bernoulli" if bool((x.min() >= 0) & (x.max() <= 1)) else "gaussian"
 
 

@@ -35,7 +35,9 @@ def log_prior_t(box: int, sd_px: float, device=None) -> torch.Tensor:
     return F.log_softmax((-(t**2).sum(-1) / (2 * sd_px**2)).flatten(), 0).reshape(box, box)
 
 
-def log_prior_r(n: int, kind: str = "uniform", sd: float = math.pi / 4, device=None) -> torch.Tensor:
+def log_prior_r(
+    n: int, kind: str = "uniform", sd: float = math.pi / 4, device=None
+) -> torch.Tensor:
     """(N,) log p(r): uniform, or a Gaussian in the wrapped bin angle around 0 with sd `sd` rad."""
     if kind == "uniform":
         return torch.full((n,), -math.log(n), device=device)

@@ -34,10 +34,16 @@ def apply_ctf(img: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
         return torch.fft.ifft2(torch.fft.fft2(img.float()) * ctf.float()).real
 
 
+def full_precision(device: torch.device):
+    """Context that turns autocast off: pose, posterior and KL maths stay in float32."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def pose_coordinates(p: torch.Tensor, theta: torch.Tensor, t: torch.Tensor, size: int):
     """Generator input R(-theta)(p - t) / (size/2) for pixels p (B, P, 2) px -> (B, P, 2)."""
-    rinv = rotation_matrix(-theta.float())  # (B, 2, 2)
-    return torch.einsum("bij,bpj->bpi", rinv, p - t[:, None, :]) / (size / 2)
+    with full_precision(p.device):
+        rinv = rotation_matrix(-theta.float())  # (B, 2, 2)
+        return torch.einsum("bij,bpj->bpi", rinv, p.float() - t.float()[:, None, :]) / (size / 2)
 
 
 class TargetVAE(nn.Module):
@@ -68,9 +74,12 @@ class TargetVAE(nn.Module):
     def posterior(self, y: torch.Tensor) -> CellPosterior:
         """Encode (B, D, D) images into the per-cell posterior."""
         if y.shape[-2:] != (self.cfg.box, self.cfg.box):
-            raise UserError(f"images are {tuple(y.shape[-2:])}, the model expects box "
-                            f"{self.cfg.box}")
-        return posterior_from_maps(self.encoder(y), self.log_pr)
+            raise UserError(
+                f"images are {tuple(y.shape[-2:])}, the model expects box {self.cfg.box}"
+            )
+        maps = self.encoder(y)
+        with full_precision(y.device):
+            return posterior_from_maps(maps, self.log_pr)
 
     def log_likelihood(
         self,
@@ -81,7 +90,7 @@ class TargetVAE(nn.Module):
         ctf: torch.Tensor | None = None,
         fraction: float = 1.0,
     ) -> torch.Tensor:
-        """(B,) log p(y | theta, t, z); unbiased estimate from a random pixel subset if fraction < 1.
+        """(B,) log p(y | theta, t, z); an unbiased subset estimate when fraction < 1.
 
         The subset's sum is scaled by D*D / n_subset. A CTF forces all pixels (it mixes them).
         """
@@ -102,15 +111,21 @@ class TargetVAE(nn.Module):
         return self.likelihood(ysub, out) * (npix / nsub)
 
     def _elbo(self, y, post, ctf, fraction) -> dict[str, torch.Tensor]:
-        kl_tr, kl_theta, kl_z = kl_terms(post, self.log_pt, self.log_pr)
-        theta, t, z = sample_pose_latent(post, self.cfg.rotations, self.cfg.box, self.cfg.tau)
+        with full_precision(y.device):
+            kl_tr, kl_theta, kl_z = kl_terms(post, self.log_pt, self.log_pr)
+            theta, t, z = sample_pose_latent(post, self.cfg.rotations, self.cfg.box, self.cfg.tau)
         log_lik = self.log_likelihood(y, theta, t, z, ctf, fraction)
         elbo = log_lik - kl_tr - kl_theta - kl_z
-        return {"elbo": elbo, "log_lik": log_lik, "kl_tr": kl_tr, "kl_theta": kl_theta,
-                "kl_z": kl_z}
+        return {
+            "elbo": elbo,
+            "log_lik": log_lik,
+            "kl_tr": kl_tr,
+            "kl_theta": kl_theta,
+            "kl_z": kl_z,
+        }
 
     def forward(self, y: torch.Tensor, ctf: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """One-sample ELBO estimate. y (B, D, D) -> dict of (B,) elbo, log_lik, kl_tr, kl_theta, kl_z.
+        """One-sample ELBO: y (B, D, D) -> dict of (B,) elbo, log_lik, kl_tr, kl_theta, kl_z.
 
         In training mode without a CTF the likelihood uses `pixel_fraction` of the pixels.
         """
@@ -123,7 +138,8 @@ class TargetVAE(nn.Module):
         """Per-image pose and latent: theta (B,) rad, t (B, 2) px (x, y), z_mu, z_sd (B, Z),
         confidence (B,), r (B,) winning bin; and a full-pixel ELBO estimate when asked."""
         post = self.posterior(y)
-        out = read_out(post, self.cfg.rotations, self.cfg.box)
+        with full_precision(y.device):
+            out = read_out(post, self.cfg.rotations, self.cfg.box)
         if with_elbo:
             out["elbo"] = self._elbo(y, post, ctf, 1.0)["elbo"]
         return out
@@ -136,6 +152,17 @@ class TargetVAE(nn.Module):
         p = pixel_grid(size, z.device).reshape(1, size * size, 2).expand(z.shape[0], -1, -1)
         out = self.generator(pose_coordinates(p, theta, t, size), z).float()
         return self.likelihood.mean(out).reshape(-1, size, size)
+
+    def template_centre(self, z: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """(B, 2) centroid (x, y) in pixels of the positive part of each template at pose 0.
+
+        The model's template origin is arbitrary (only the prior p(t) pulls it to the object's
+        centre), so shifts relative to the template's centroid are t + R(theta) @ centre.
+        """
+        size = size or self.cfg.box
+        img = self.render(z, z.new_zeros(len(z)), z.new_zeros(len(z), 2), size).clamp(min=0)
+        w = img / img.sum((1, 2), keepdim=True).clamp(min=1e-12)  # (B, D, D)
+        return torch.einsum("bij,ijk->bk", w, pixel_grid(size, z.device))
 
     def export_for_inference(self) -> TargetVAE:
         """An equivalent model in eval mode whose e2cnn layers are plain torch."""
