@@ -151,6 +151,12 @@ def simulate(
 @click.option(
     "--skip-bad", is_flag=True, help="Drop particles with NaN/Inf pixels (and count them)."
 )
+@click.option(
+    "--phase-flip",
+    is_flag=True,
+    help="Phase-flip each particle with its CTF (needs defocus columns); training then models "
+    "|CTF|.",
+)
 @click.option("--datadir", help="Extra folder to look for the stacks named in the star/cs.")
 @click.option("--input-apix", type=float, help="Input pixel size in A (overrides the files).")
 @click.option(
@@ -179,6 +185,7 @@ def preprocess(
     input_apix,
     chunk_size,
     norm,
+    phase_flip,
 ) -> None:
     """Downsample, normalise (and optionally invert / low-pass) particles into one float32 stack.
 
@@ -214,6 +221,7 @@ def preprocess(
             chunk_size=chunk_size,
             progress=advance,
             norm=norm,
+            phase_flip=phase_flip,
         )
     if summary.skipped:
         shown = ", ".join(f"{i + 1} ({why})" for i, why in summary.skipped[:5])

@@ -49,19 +49,27 @@ class CtfParams:
     amp_contrast: np.ndarray
     phase_shift_deg: np.ndarray
     bfactor: np.ndarray
+    # 1 where the image was phase-flipped by `tvae-em preprocess --phase-flip`: its CTF is |CTF|
+    phase_flipped: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.dfu_A)
 
     def subset(self, indices) -> CtfParams:
         """The parameters of the particles at `indices` (a batch)."""
-        return CtfParams(**{f.name: getattr(self, f.name)[indices] for f in fields(self)})
+        return CtfParams(
+            **{
+                f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[indices]
+                for f in fields(self)
+            }
+        )
 
     def to_torch(self, device=None, dtype=torch.float32) -> dict[str, torch.Tensor]:
         """A dict of (n,) tensors, the form compute_ctf takes."""
         return {
-            f.name: torch.as_tensor(getattr(self, f.name), dtype=dtype, device=device)
+            f.name: torch.as_tensor(np.array(getattr(self, f.name)), dtype=dtype, device=device)
             for f in fields(self)
+            if getattr(self, f.name) is not None
         }
 
 
@@ -96,8 +104,10 @@ def compute_ctf(
     apix = torch.as_tensor(apix, dtype=torch.float32, device=dfu.device)
     apix = apix.reshape(-1, 1, 1).expand(dfu.shape[0], 1, 1)
     fx, fy = _frequencies(box, apix)  # (B, box, box) in 1/Angstrom; fx along columns
-    ctf = _ctf_formula(fx, fy, p, dfu)
-    return _hermitian(ctf)
+    ctf = _hermitian(_ctf_formula(fx, fy, p, dfu))
+    if "phase_flipped" in p:  # phase-flipped images carry |CTF|
+        ctf = torch.where(p["phase_flipped"].reshape(-1, 1, 1) > 0.5, ctf.abs(), ctf)
+    return ctf
 
 
 def _frequencies(box: int, apix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,6 +181,7 @@ _CS_FIELDS = {
     "phase_shift_deg": "ctf/phase_shift_rad",
     "bfactor": "ctf/bfactor",
 }
+PHASE_FLIPPED = "tvaePhaseFlipped"  # particle column written by preprocess --phase-flip
 _OPTIONAL = {"dfv_A", "dfang_deg", "phase_shift_deg", "bfactor"}
 
 
@@ -207,7 +218,10 @@ def _from_relion(
     out.setdefault("dfv_A", out["dfu_A"])
     for key, column in _RELION_OPTICS.items():
         out[key] = _optics_value(particles, optics, column, src)
-    return _complete(out, n)
+    params = _complete(out, n)
+    if PHASE_FLIPPED in particles.columns:
+        params.phase_flipped = _numeric(particles[PHASE_FLIPPED], PHASE_FLIPPED, src)
+    return params
 
 
 def _optics_value(

@@ -235,14 +235,31 @@ def process_images(
     lowpass_A: float | None = None,
     mask_radius: float = DEFAULT_MASK_RADIUS,
     norm: str = "background",
+    ctf: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Crop -> (low-pass) -> (invert) -> normalise a (B, D, D) chunk; returns (B, size, size)."""
+    """Crop -> (phase-flip) -> (low-pass) -> (invert) -> normalise a (B, D, D) chunk.
+
+    ctf: (B, size, size) CTFs of the cropped images on the fft2 grid; when given, each image is
+    phase-flipped (multiplied by sign(CTF) in Fourier space). Returns (B, size, size).
+    """
     x = fourier_crop(images, size)
+    if ctf is not None:
+        x = phase_flip(x, ctf)
     if lowpass_A is not None:
         x = lowpass(x, apix_out, lowpass_A)
     if invert_contrast:
         x = invert(x)
     return normalise(x, mask_radius, norm)
+
+
+def phase_flip(images: np.ndarray, ctf: np.ndarray) -> np.ndarray:
+    """Multiply each image's Fourier transform by the sign of its CTF (B, D, D) on the fft2 grid.
+
+    Undoes the CTF's contrast reversals (not its amplitude), as RELION's "ctf phase flip"; the
+    encoder then sees particles of one contrast at every frequency.
+    """
+    f = np.fft.fft2(images.astype(np.float64))
+    return np.fft.ifft2(f * np.sign(ctf)).real.astype(np.float32)
 
 
 def preprocess_stack(
@@ -257,6 +274,7 @@ def preprocess_stack(
     progress: Callable[[int], None] | None = None,
     mask_radius: float = DEFAULT_MASK_RADIUS,
     norm: str = "background",
+    phase_flip: bool = False,
 ) -> PreprocessSummary:
     """Preprocess every particle into out_dir/particles.mrcs + particles.star (+ .cs for .cs input).
 
@@ -280,6 +298,8 @@ def preprocess_stack(
             f"(2 x {nyquist / 2:.3g} A/px)"
         )
     options = dict(invert_contrast=invert, lowpass_A=lowpass_A, mask_radius=mask_radius, norm=norm)
+    if phase_flip:
+        options["ctf_params"] = _phase_flip_params(stack)
     created = not Path(out_dir).exists()
     out_dir = ensure_writable_dir(out_dir)
     try:
@@ -290,9 +310,32 @@ def preprocess_stack(
         raise
 
 
+def _phase_flip_params(stack: ParticleStack):
+    """The stack's CTF parameters for --phase-flip, or a UserError when it has none."""
+    from .ctf import ctf_params
+
+    params = ctf_params(stack)
+    if params is None:
+        raise UserError(f"--phase-flip: {stack.source} has no defocus columns (no CTF to flip)")
+    if params.phase_flipped is not None and (params.phase_flipped > 0.5).any():
+        raise UserError(f"--phase-flip: {stack.source} is already phase-flipped")
+    return params
+
+
+def _chunk_ctf(params, idx: np.ndarray, box: int, apix: np.ndarray) -> np.ndarray | None:
+    """(B, box, box) CTFs of the particles idx at the output pixel size, or None."""
+    from .ctf import compute_ctf
+
+    if params is None:
+        return None
+    return compute_ctf(box, apix, params.subset(idx)).numpy()
+
+
 def _run(stack, out_dir, box_out, apix_out, skip_bad, chunk_size, progress, options, t0):
     """The chunked read -> process -> write loop of preprocess_stack; outputs renamed at the end."""
     scale = stack.box / box_out
+    options = dict(options)
+    flip_params = options.pop("ctf_params", None)
     finals = [out_dir / "particles.mrcs", out_dir / "particles.star"]
     if stack.kind == "cryosparc":
         finals.append(out_dir / "particles.cs")
@@ -308,7 +351,8 @@ def _run(stack, out_dir, box_out, apix_out, skip_bad, chunk_size, progress, opti
             good = np.array([r is None for r in reasons])
             if not good.all():
                 raw = raw[good]
-            out = process_images(raw, box_out, apix_out[idx[good]], **options)
+            ctf = _chunk_ctf(flip_params, idx[good], box_out, apix_out[idx[good]])
+            out = process_images(raw, box_out, apix_out[idx[good]], ctf=ctf, **options)
             del raw
             late = bad_image_reasons(out)  # e.g. overflow to Inf in the FFT
             for j, r in zip(np.flatnonzero(good), late, strict=True):
@@ -329,6 +373,10 @@ def _run(stack, out_dir, box_out, apix_out, skip_bad, chunk_size, progress, opti
             raise UserError(f"no usable particles in {stack.source}: all {len(stack)} are bad")
         keep = np.concatenate(kept)
         particles, optics = _output_tables(stack, keep, box_out, scale, finals[0].name)
+        if flip_params is not None:
+            from .ctf import PHASE_FLIPPED
+
+            particles[PHASE_FLIPPED] = 1
         write_star(tmps[1], {"optics": optics, "particles": particles})
         if stack.kind == "cryosparc":
             write_cs(tmps[2], _output_cs(stack, keep, box_out, scale, finals[0].name))

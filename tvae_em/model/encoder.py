@@ -177,10 +177,11 @@ class EquivariantEncoder(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         b, d, _ = y.shape
-        h = self.lift(y[:, None]).permute(0, 2, 3, 1)  # (B, D, D, C) channels-last view
+        h = F.leaky_relu(self.lift(y[:, None]), LEAKY_SLOPE, inplace=True)  # (B, C, D, D)
+        h = h.permute(0, 2, 3, 1)  # (B, D, D, C) channels-last view
         for layer in self.hidden:
-            h = layer(F.leaky_relu(h, LEAKY_SLOPE, inplace=True))  # (B, D, D, C')
-        h = self.head(F.leaky_relu(h, LEAKY_SLOPE, inplace=True))  # (B, D, D, F * N), field-major
+            h = F.leaky_relu(layer(h), LEAKY_SLOPE, inplace=True)  # (B, D, D, C')
+        h = self.head(h)  # (B, D, D, F * N), field-major channels
         h = h.reshape(b, d, d, self.out_fields, self.rotations).index_select(4, self.bin_order)
         return (h * self.field_gain).permute(0, 3, 4, 1, 2)  # (B, F, N, D, D)
 
