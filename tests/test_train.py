@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -222,10 +223,23 @@ def test_two_process_gloo_run(glyph_star, tmp_path):
         "--rotations",
         "4",
     ]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
-    assert p.returncode == 0, p.stderr[-3000:]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = proc.communicate(timeout=600)
+    finally:  # never leave worker processes behind, even on a timeout
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
     m = pd.read_csv(run / "metrics.csv")
     assert len(m) == 1 and np.isfinite(m["loss"]).all()
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["world_size"] == 2
-    assert p.stderr.count("epoch 1/1") == 1  # only rank 0 logs
+    assert stderr.count("epoch 1/1") == 1  # only rank 0 logs
