@@ -243,3 +243,25 @@ def test_two_process_gloo_run(glyph_star, tmp_path):
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["world_size"] == 2
     assert stderr.count("epoch 1/1") == 1  # only rank 0 logs
+
+
+def test_ctf_is_on_by_default_for_stars_with_defocus(tmp_path):
+    from tvae_em.synthetic import build_dataset
+
+    paths = build_dataset("particles", tmp_path / "sim", n=16, box=16, snr=1.0, seed=0)
+    on = train(tiny_options(paths["star"], tmp_path / "on", epochs=1), log=lambda m: None)
+    off = train(
+        tiny_options(paths["star"], tmp_path / "off", epochs=1, ctf="off"), log=lambda m: None
+    )
+    assert json.loads((on.run_dir / "config.json").read_text())["ctf"] is True
+    assert json.loads((off.run_dir / "config.json").read_text())["ctf"] is False
+    with pytest.raises(Exception, match="no defocus"):
+        train(
+            tiny_options(glyph_star_path(tmp_path), tmp_path / "x", epochs=1, ctf="on"),
+            log=lambda m: None,
+        )
+
+
+def glyph_star_path(tmp_path: Path) -> Path:
+    images, _ = glyphs(16, box=BOX, seed=2, n_classes=1, t_sd_px=1.0)
+    return write_particle_set(tmp_path / "g", images, apix=2.0)
