@@ -8,7 +8,7 @@ rm -rf "$OUT"
 "$BIN/tvae-em" preprocess examples/data/particles.star -o "$OUT/prep" --size 32
 # --no-ctf keeps the demo to about a minute on a laptop CPU (pixel subsampling); CTF-aware training
 # is the default for stars with defocus and costs about twice as much per step.
-"$BIN/tvae-em" train "$OUT/prep/particles.star" -o "$OUT/run" --epochs 4 --batch-size 32 --no-ctf \
+"$BIN/tvae-em" train "$OUT/prep/particles.star" -o "$OUT/run" --epochs 8 --batch-size 32 --no-ctf \
     --seed 0
 "$BIN/tvae-em" embed "$OUT/run" "$OUT/prep/particles.star" -o "$OUT/embedded.star" --classes 3
 "$BIN/tvae-em" generate "$OUT/run" -o "$OUT/figs" --embedding "$OUT/embedded.npz" \
