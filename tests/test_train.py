@@ -265,3 +265,13 @@ def test_ctf_is_on_by_default_for_stars_with_defocus(tmp_path):
 def glyph_star_path(tmp_path: Path) -> Path:
     images, _ = glyphs(16, box=BOX, seed=2, n_classes=1, t_sd_px=1.0)
     return write_particle_set(tmp_path / "g", images, apix=2.0)
+
+
+def test_worker_processes_stream_the_same_batches(glyph_star, tmp_path):
+    """num_workers > 0 (ParticleStack pickled into workers) trains to the same weights as 0."""
+    a = train(tiny_options(glyph_star, tmp_path / "w0", epochs=1), log=lambda m: None)
+    b = train(
+        tiny_options(glyph_star, tmp_path / "w2", epochs=1, num_workers=2), log=lambda m: None
+    )
+    for k, v in state(a.run_dir).items():
+        torch.testing.assert_close(v, state(b.run_dir)[k], rtol=0, atol=0, msg=k)
