@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -136,10 +137,6 @@ def command_line() -> str:
     return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
 
 
-def input_fingerprint(stack) -> str:
-    return stack.fingerprint()
-
-
 # ---------------------------------------------------------------- config / resume
 
 
@@ -196,7 +193,7 @@ class MetricsLog:
 @contextlib.contextmanager
 def sigterm_as_interrupt():
     """Treat SIGTERM (kill, a scheduler's time limit) like Ctrl-C so the loop stops cleanly."""
-    if threading_main() is False:
+    if threading.current_thread() is not threading.main_thread():  # signals need the main thread
         yield
         return
     old = signal.getsignal(signal.SIGTERM)
@@ -209,12 +206,6 @@ def sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 # ---------------------------------------------------------------- the loop
@@ -320,7 +311,7 @@ def train(
         if not last.exists():
             raise UserError(f"--resume {run_dir}: no checkpoint to resume from")
         ckpt = load_checkpoint(last, "cpu")
-        if ckpt.get("fingerprint") != input_fingerprint(stack):
+        if ckpt.get("fingerprint") != stack.fingerprint():
             raise UserError(
                 f"--resume {run_dir}: the run was trained on other data than {opts.input}"
             )
@@ -364,7 +355,7 @@ def train(
         "options": asdict(opts),
         "model_config": model_cfg,
         "normalisation": asdict(norm),
-        "fingerprint": input_fingerprint(stack),
+        "fingerprint": stack.fingerprint(),
         "n_particles": n,
         "ctf": ctf_src is not None,
         "device": str(device),
@@ -496,7 +487,7 @@ def _payload(model, optim, sched, epoch, best, model_cfg, opts, norm, stack) -> 
         "model_config": model_cfg,
         "train_config": asdict(opts),
         "normalisation": asdict(norm),
-        "fingerprint": input_fingerprint(stack),
+        "fingerprint": stack.fingerprint(),
         "version": __version__,
     }
 
