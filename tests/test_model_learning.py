@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from tvae_em.geometry import rotation_matrix, transform_images, wrap_angle
+from tvae_em.metrics import circular_correlation
+from tvae_em.metrics import pearson_r as pearson
 from tvae_em.model import ModelConfig, TargetVAE
 
 BOX, N_IMAGES, T_SD, EPOCHS, BATCH = 32, 256, 2.5, 12, 32
@@ -20,19 +22,6 @@ def glyph(box: int) -> torch.Tensor:
         img[c + r0 : c + r1, c + c0 : c + c1] = 1.0
     k = torch.tensor([0.25, 0.5, 0.25])
     return F.conv2d(img[None, None], (k[:, None] * k[None])[None, None], padding=1)[0, 0]
-
-
-def circular_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Jammalamadaka-SenGupta circular correlation of two angle samples (radians)."""
-    ma = torch.atan2(torch.sin(a).mean(), torch.cos(a).mean())
-    mb = torch.atan2(torch.sin(b).mean(), torch.cos(b).mean())
-    sa, sb = torch.sin(a - ma), torch.sin(b - mb)
-    return float((sa * sb).sum() / torch.sqrt((sa**2).sum() * (sb**2).sum()))
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / torch.sqrt((a**2).sum() * (b**2).sum()))
 
 
 def test_short_training_recovers_rotation_and_shift():
