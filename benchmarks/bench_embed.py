@@ -11,36 +11,23 @@ Speed does not depend on the weights, so an untrained model measures what a trai
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from tvae_em import __version__
-from tvae_em.checkpoint import save_checkpoint
-from tvae_em.embed import embed_particles
+from tvae_em.embed import EmbedOptions, embed_particles
 from tvae_em.io import write_stack, write_star
 from tvae_em.model import ModelConfig, TargetVAE
+from tvae_em.run import RunFolder
 from tvae_em.synthetic import glyphs
 
 
 def make_run(folder: Path, box: int) -> Path:
     """A run folder holding an untrained default model for `box`."""
-    cfg = ModelConfig(box=box)
-    payload = {
-        "model": TargetVAE(cfg).state_dict(),
-        "epoch": 0,
-        "model_config": asdict(cfg),
-        "train_config": {"ctf": "off"},
-        "normalisation": {"mean": 0.0, "sd": 1.0},
-        "version": __version__,
-    }
-    save_checkpoint(folder / "checkpoints" / "last.pt", payload)
-    (folder / "config.json").write_text(json.dumps({"ctf": False, "model_config": asdict(cfg)}))
+    RunFolder(folder).save_model(TargetVAE(ModelConfig(box=box)), {"ctf": "off"})
     return folder
 
 
@@ -78,7 +65,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             for with_elbo in (False, True):
                 out = root / f"out_{device}_{with_elbo}.star"
                 t0 = time.perf_counter()
-                s = embed_particles(
+                opts = EmbedOptions(
                     run_dir,
                     star,
                     out,
@@ -86,6 +73,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     device=device,
                     with_elbo=with_elbo,
                 )
+                s = embed_particles(opts)
                 total = time.perf_counter() - t0
                 rows.append(
                     {

@@ -160,7 +160,7 @@ def score_embedding(
         out["acc_mu_sd"] = cluster_embedding_accuracy(
             np.concatenate([z_mu, z_sd], 1), labels, k, n_init=restarts, seed=seed
         )
-        from tvae_em.metrics import kmeans
+        from tvae_em.clustering import kmeans
 
         kmeans_labels = kmeans(z_mu, k, n_init=restarts, seed=seed)
     out["chance_acc"] = float(np.bincount(labels).max() / len(labels))
@@ -185,11 +185,11 @@ def class_average_scores(
     import mrcfile
     import torch
 
-    from tvae_em.ctf import compute_ctf, ctf_params
+    from tvae_em.ctf import batch_ctf
     from tvae_em.data import Normalisation
+    from tvae_em.fourier import fourier_resize
     from tvae_em.generate import class_averages
     from tvae_em.io import ParticleStack
-    from tvae_em.synthetic import fourier_resize
 
     stack = ParticleStack.open(str(star))
     with mrcfile.open(templates_mrcs, permissive=True) as m:
@@ -197,13 +197,13 @@ def class_average_scores(
     sim_box = templates.shape[-1]
     if templates.shape[-1] != stack.box:
         templates = fourier_resize(templates, stack.box)
-    params = ctf_params(stack)
+    params = stack.ctf_params()
     flip = None
     if params is not None:
         apix = stack.apix
 
         def flip(idx: np.ndarray) -> torch.Tensor:
-            return compute_ctf(stack.box, torch.as_tensor(apix[idx]), params.subset(idx))
+            return batch_ctf(params, apix, idx, stack.box)
 
     theta, t = np.asarray(emb["theta_rad"]), np.asarray(emb["t_px"])
     true_labels = truth["class"].to_numpy()

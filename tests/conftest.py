@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-from tvae_em import __version__
-from tvae_em.checkpoint import save_checkpoint
+from tvae_em.data import Normalisation
 from tvae_em.io import write_stack, write_star
 from tvae_em.model import ModelConfig, TargetVAE
+from tvae_em.run import RunFolder
 
 TINY_MODEL = dict(
     rotations=4,
@@ -35,28 +32,10 @@ def make_run_folder(
     norm: tuple[float, float] = (0.0, 1.0),
     **overrides,
 ) -> Path:
-    """A run folder as train.py writes it (config.json + checkpoints/last.pt), untrained weights."""
+    """A run folder as train writes it (config.json + checkpoints/last.pt), untrained weights."""
     cfg = ModelConfig(box=box, z_dim=z_dim, **{**TINY_MODEL, **overrides})
-    model = TargetVAE(cfg)
-    optim = torch.optim.Adam(model.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optim)
     opts = {"input": "particles.star", "out_dir": str(run_dir), "ctf": "on" if ctf else "off"}
-    payload = {
-        "model": model.state_dict(),
-        "optimizer": optim.state_dict(),
-        "scheduler": sched.state_dict(),
-        "epoch": 1,
-        "best_loss": 0.0,
-        "rng": {},
-        "model_config": asdict(cfg),
-        "train_config": opts,
-        "normalisation": {"mean": norm[0], "sd": norm[1]},
-        "fingerprint": "test",
-        "version": __version__,
-    }
-    save_checkpoint(run_dir / "checkpoints" / "last.pt", payload)
-    config = {"version": __version__, "options": opts, "model_config": asdict(cfg), "ctf": ctf}
-    (run_dir / "config.json").write_text(json.dumps(config))
+    RunFolder(run_dir).save_model(TargetVAE(cfg), opts, Normalisation(*norm), ctf=ctf, epoch=1)
     return run_dir
 
 

@@ -12,8 +12,10 @@ import pytest
 import starfile
 import torch
 
-from tvae_em.ctf import CtfParams, apply_ctf, compute_ctf, ctf_params, electron_wavelength_A
+from tvae_em.ctf import CtfParams, compute_ctf, electron_wavelength_A
 from tvae_em.errors import UserError
+from tvae_em.fourier import apply_ctf
+from tvae_em.io import MrcsStack, cryosparc_ctf_params, relion_ctf_params
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cryodrgn-tests"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared test data not found at {DATA}")
@@ -180,7 +182,7 @@ def test_relion30_per_particle_optics_columns():
             "rlnAmplitudeContrast": [0.07, 0.07],
         }
     )
-    p = ctf_params(SimpleNamespace(particles=particles, optics=None, kind="relion30"))
+    p = relion_ctf_params(particles, None, "x.star")
     np.testing.assert_allclose(p.dfv_A, [14000.0, 15500.0])
     np.testing.assert_allclose(p.amp_contrast, [0.07, 0.07])
     np.testing.assert_allclose(p.phase_shift_deg, 0.0)
@@ -188,13 +190,12 @@ def test_relion30_per_particle_optics_columns():
 
 def test_no_defocus_gives_none_and_missing_optics_is_user_error():
     plain = pd.DataFrame({"rlnImageName": ["1@a.mrcs"]})
-    assert ctf_params(SimpleNamespace(particles=plain, optics=None, kind="relion31")) is None
-    assert ctf_params(SimpleNamespace(particles=plain, optics=None, kind="mrcs")) is None
+    assert relion_ctf_params(plain, None, "x.star") is None
+    assert MrcsStack.ctf_params(SimpleNamespace(particles=plain)) is None
     no_volt = pd.DataFrame({"rlnDefocusU": [1e4], "rlnOpticsGroup": [1]})
     optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnSphericalAberration": [2.7]})
-    stack = SimpleNamespace(particles=no_volt, optics=optics, kind="relion31", path="x.star")
     with pytest.raises(UserError, match=r"x\.star.*rlnVoltage"):
-        ctf_params(stack)
+        relion_ctf_params(no_volt, optics, "x.star")
 
 
 def test_cryosparc_fields_radians_to_degrees():
@@ -209,7 +210,7 @@ def test_cryosparc_fields_radians_to_degrees():
             "ctf/phase_shift_rad": [math.pi / 2],
         }
     )
-    p = ctf_params(SimpleNamespace(particles=particles, optics=None, kind="cryosparc"))
+    p = cryosparc_ctf_params(particles, "x.cs")
     assert p.dfang_deg[0] == pytest.approx(30.0) and p.phase_shift_deg[0] == pytest.approx(90.0)
     assert p.dfv_A[0] == 11000.0 and p.bfactor[0] == 0.0
 
@@ -219,7 +220,7 @@ def test_optics_groups_joined_by_group_number():
     blocks = starfile.read(DATA / "relion31.6opticsgroups.star", always_dict=True)
     particles, optics = blocks["particles"], blocks["optics"]
     optics = optics.assign(rlnVoltage=100.0 + 10 * optics["rlnOpticsGroup"])  # distinct per group
-    p = ctf_params(SimpleNamespace(particles=particles, optics=optics, kind="relion31"))
+    p = relion_ctf_params(particles, optics, "x.star")
     np.testing.assert_allclose(p.volt_kv, 100.0 + 10 * particles["rlnOpticsGroup"].to_numpy())
     np.testing.assert_allclose(p.dfu_A, particles["rlnDefocusU"].to_numpy())
 
@@ -233,7 +234,7 @@ def _open(name: str):
 
 @needs_data
 def test_reads_relion31_star():
-    p = ctf_params(_open("relion31.star"))
+    p = _open("relion31.star").ctf_params()
     assert len(p) == 5
     assert p.dfu_A[0] == pytest.approx(13108.082418)
     assert p.dfv_A[0] == pytest.approx(12845.582418)
@@ -245,8 +246,8 @@ def test_reads_relion31_star():
 
 @needs_data
 def test_relion30_star_and_cryosparc_cs_agree():
-    star = ctf_params(_open("empiar_10076_7.star"))
-    cs = ctf_params(_open("empiar_10076_7.cs"))
+    star = _open("empiar_10076_7.star").ctf_params()
+    cs = _open("empiar_10076_7.cs").ctf_params()
     assert len(star) == len(cs) == 7
     assert star.dfu_A[0] == pytest.approx(15301.1) and star.amp_contrast[0] == pytest.approx(0.07)
     for field in ("dfu_A", "dfv_A", "dfang_deg", "volt_kv", "cs_mm", "amp_contrast"):

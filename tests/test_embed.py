@@ -5,6 +5,7 @@ The pose convention itself is tested end to end in test_relion_roundtrip.py.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,11 @@ from click.testing import CliRunner
 from conftest import TINY_MODEL, make_run_folder, write_particle_set
 
 from tvae_em.cli import main
-from tvae_em.embed import assign_classes, embed_particles, match_rows, wrap_degrees
+from tvae_em.clustering import assign_classes
+from tvae_em.embed import EmbedOptions, embed_particles
 from tvae_em.errors import UserError
+from tvae_em.export import match_rows
+from tvae_em.geometry import wrap_degrees
 from tvae_em.io import write_stack, write_star
 from tvae_em.synthetic import glyphs
 
@@ -81,15 +85,22 @@ def data(tmp_path_factory):
     run = make_run_folder(root / "run", BOX, norm=(0.2, 0.4))
     out = root / "out"
     calls = []
+
+    @contextlib.contextmanager
+    def record(total, description):
+        calls.append(total)
+        yield calls.append
+
     embed_particles(
-        run,
-        star,
-        out / "e.star",
-        classes=3,
-        cs_out=out / "e.cs",
-        batch_size=8,
-        on_start=calls.append,
-        progress=calls.append,
+        EmbedOptions(
+            run,
+            star,
+            out / "e.star",
+            classes=3,
+            cs_out=out / "e.cs",
+            batch_size=8,
+        ),
+        progress=record,
     )
     return {"root": root, "star": star, "run": run, "out": out, "calls": calls, "images": images}
 
@@ -167,8 +178,8 @@ def test_progress_gets_total_then_counts(data):
 
 
 def test_results_do_not_depend_on_batching(data, tmp_path):
-    embed_particles(data["run"], data["star"], tmp_path / "a.star", batch_size=N)
-    embed_particles(data["run"], data["star"], tmp_path / "b.star", batch_size=N)
+    embed_particles(EmbedOptions(data["run"], data["star"], tmp_path / "a.star", batch_size=N))
+    embed_particles(EmbedOptions(data["run"], data["star"], tmp_path / "b.star", batch_size=N))
     a, b = np.load(tmp_path / "a.npz"), np.load(data["out"] / "e.npz")
     for key in ("z_mu", "z_sd", "t_px", "confidence"):
         np.testing.assert_allclose(a[key], b[key], atol=1e-5, err_msg=key)
@@ -178,11 +189,13 @@ def test_results_do_not_depend_on_batching(data, tmp_path):
 
 def test_no_elbo_and_npz_path(data, tmp_path):
     embed_particles(
-        data["run"],
-        data["star"],
-        tmp_path / "x.star",
-        with_elbo=False,
-        npz_out=tmp_path / "sub" / "arrays.npz",
+        EmbedOptions(
+            data["run"],
+            data["star"],
+            tmp_path / "x.star",
+            with_elbo=False,
+            npz_out=tmp_path / "sub" / "arrays.npz",
+        )
     )
     p = _read(tmp_path / "x.star")["particles"]
     assert "tvaeElbo" not in p and "rlnClassNumber" in p  # the input's classes are kept
@@ -200,13 +213,13 @@ def test_ctf_run_uses_each_particles_ctf_for_the_elbo(tmp_path):
     plain = write_particle_set(tmp_path / "p", images, 2.0)
     run_ctf = make_run_folder(tmp_path / "rc", BOX, ctf=True)
     run_plain = make_run_folder(tmp_path / "rp", BOX, ctf=False)  # same weights (seeded)
-    embed_particles(run_ctf, star, tmp_path / "c.star")
-    embed_particles(run_plain, star, tmp_path / "n.star")
+    embed_particles(EmbedOptions(run_ctf, star, tmp_path / "c.star"))
+    embed_particles(EmbedOptions(run_plain, star, tmp_path / "n.star"))
     c, n = np.load(tmp_path / "c.npz"), np.load(tmp_path / "n.npz")
     np.testing.assert_allclose(c["z_mu"], n["z_mu"], atol=1e-6)  # the pose does not use the CTF
     assert np.abs(c["elbo"] - n["elbo"]).max() > 1e-3
     with pytest.raises(UserError, match="trained with the CTF"):
-        embed_particles(run_ctf, plain, tmp_path / "bad.star")
+        embed_particles(EmbedOptions(run_ctf, plain, tmp_path / "bad.star"))
     assert not (tmp_path / "bad.star").exists()
 
 
@@ -227,7 +240,7 @@ def test_relion30_input_is_written_as_31(tmp_path):
     )
     write_star(folder / "s.star", {"images": particles})
     run = make_run_folder(tmp_path / "run", BOX)
-    embed_particles(run, folder / "s.star", tmp_path / "o.star")
+    embed_particles(EmbedOptions(run, folder / "s.star", tmp_path / "o.star"))
     out = _read(tmp_path / "o.star")
     assert out["optics"]["rlnImagePixelSize"].iloc[0] == pytest.approx(2.0)
     p = out["particles"]
@@ -244,11 +257,13 @@ def test_original_rows_matched_after_skipped_particles(data, tmp_path):
     folder = data["star"].parent
     write_star(folder / "sub.star", {"optics": full["optics"], "particles": sub})
     embed_particles(
-        data["run"],
-        folder / "sub.star",
-        tmp_path / "s.star",
-        original=data["star"],
-        cs_out=tmp_path / "s.cs",
+        EmbedOptions(
+            data["run"],
+            folder / "sub.star",
+            tmp_path / "s.star",
+            original=data["star"],
+            cs_out=tmp_path / "s.cs",
+        )
     )
     o = _read(tmp_path / "s_original.star")["particles"]
     np.testing.assert_allclose(o["rlnCoordinateX"], sub["rlnCoordinateX"])
@@ -274,7 +289,7 @@ def test_assign_classes_is_seeded_and_sorted():
 def test_real_relion31_star_keeps_everything(tmp_path):
     """On cryoDRGN's relion31.star (box 256): all columns kept, our names are RELION's own."""
     run = make_run_folder(tmp_path / "run", 256, encoder_kernel=9)
-    embed_particles(run, REAL / "relion31.star", tmp_path / "r.star", classes=2)
+    embed_particles(EmbedOptions(run, REAL / "relion31.star", tmp_path / "r.star", classes=2))
     before, after = _read(REAL / "relion31.star"), _read(tmp_path / "r.star")
     assert set(OUR_RLN) <= set(before["particles"].columns)  # names as RELION writes them
     assert set(OPTICS_NEEDED) <= set(before["optics"].columns) & set(after["optics"].columns)
@@ -292,12 +307,14 @@ def test_real_relion31_star_keeps_everything(tmp_path):
 def test_real_cs_input_keeps_uid_and_blob_fields(tmp_path):
     run = make_run_folder(tmp_path / "run", 320, encoder_kernel=9)
     embed_particles(
-        run,
-        REAL / "empiar_10076_7.cs",
-        tmp_path / "c.star",
-        cs_out=tmp_path / "c.cs",
-        with_elbo=False,
-        classes=2,
+        EmbedOptions(
+            run,
+            REAL / "empiar_10076_7.cs",
+            tmp_path / "c.star",
+            cs_out=tmp_path / "c.cs",
+            with_elbo=False,
+            classes=2,
+        )
     )
     before, after = np.load(REAL / "empiar_10076_7.cs"), np.load(tmp_path / "c.cs")
     np.testing.assert_array_equal(after["uid"], before["uid"])
@@ -316,7 +333,7 @@ def test_real_cs_input_keeps_uid_and_blob_fields(tmp_path):
 
 def test_trained_run_folder_embeds(tmp_path):
     """A run folder written by train() itself (not the test payload) loads and embeds."""
-    from tvae_em.train import TrainOptions, train
+    from tvae_em.training import TrainOptions, train
 
     images, _ = glyphs(24, box=BOX, seed=4)
     star = write_particle_set(tmp_path / "d", images, 2.0)
@@ -328,7 +345,7 @@ def test_trained_run_folder_embeds(tmp_path):
         model_overrides=dict(TINY_MODEL),
     )
     train(opts, log=lambda m: None)
-    s = embed_particles(tmp_path / "run", star, tmp_path / "e.star", classes=2)
+    s = embed_particles(EmbedOptions(tmp_path / "run", star, tmp_path / "e.star", classes=2))
     assert s.n == 24 and np.isfinite(np.load(tmp_path / "e.npz")["elbo"]).all()
 
 

@@ -14,11 +14,11 @@ from conftest import make_run_folder, write_particle_set
 from matplotlib.image import imread
 
 from tvae_em import figures
-from tvae_em.checkpoint import load_trained
 from tvae_em.cli import main
 from tvae_em.data import Normalisation
-from tvae_em.embed import embed_particles
+from tvae_em.embed import EmbedOptions, embed_particles
 from tvae_em.generate import (
+    GenerateOptions,
     class_averages,
     generate_figures,
     latent_axes,
@@ -30,6 +30,7 @@ from tvae_em.generate import (
 )
 from tvae_em.io import ParticleStack
 from tvae_em.metrics import template_correlation
+from tvae_em.run import RunFolder
 from tvae_em.synthetic import glyphs
 
 BOX, N = 16, 24
@@ -42,7 +43,7 @@ def embedded(tmp_path_factory):
     images, _ = glyphs(N, box=BOX, seed=5, n_classes=2, t_sd_px=1.0)
     star = write_particle_set(root / "d", images, 2.0)
     run = make_run_folder(root / "run", BOX)
-    embed_particles(run, star, root / "e.star", classes=2)
+    embed_particles(EmbedOptions(run, star, root / "e.star", classes=2))
     return {"root": root, "star": star, "run": run, "npz": root / "e.npz"}
 
 
@@ -55,11 +56,13 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 def test_all_figures_with_embedding_and_particles(embedded, tmp_path):
     s = generate_figures(
-        embedded["run"],
-        tmp_path / "figs",
-        embedding=embedded["npz"],
-        particles=embedded["star"],
-        n_steps=5,
+        GenerateOptions(
+            embedded["run"],
+            tmp_path / "figs",
+            embedding=embedded["npz"],
+            particles=embedded["star"],
+            n_steps=5,
+        )
     )
     names = {p.name for p in s.outputs}
     pngs = {
@@ -82,12 +85,14 @@ def test_all_figures_with_embedding_and_particles(embedded, tmp_path):
 
 def test_class_average_files_list_class_sizes(embedded, tmp_path):
     generate_figures(
-        embedded["run"],
-        tmp_path,
-        embedding=embedded["npz"],
-        particles=embedded["star"],
-        classes=3,
-        n_steps=3,
+        GenerateOptions(
+            embedded["run"],
+            tmp_path,
+            embedding=embedded["npz"],
+            particles=embedded["star"],
+            classes=3,
+            n_steps=3,
+        )
     )
     table = starfile.read(tmp_path / "class_averages.star", always_dict=True)["particles"]
     assert list(table["rlnClassNumber"]) == [1, 2, 3]
@@ -101,18 +106,18 @@ def test_size_changes_the_rendered_size(embedded, tmp_path):
     sizes = {}
     for size in (16, 160):
         out = tmp_path / f"s{size}"
-        generate_figures(embedded["run"], out, size=size, n_steps=3)
+        generate_figures(GenerateOptions(embedded["run"], out, size=size, n_steps=3))
         sizes[size] = _png_size(out / "latent_traversal.png")
         lay = figures.grid_layout(2, 3, size, row_labels=True, col_labels=True, xlabel=True)
         assert sizes[size] == lay.size
     assert sizes[160][0] > sizes[16][0]
-    model = load_trained(embedded["run"]).model
+    model = RunFolder(embedded["run"]).load_model().model
     assert render(model, np.zeros((2, 2)), 40).shape == (2, 40, 40)
 
 
 def test_render_size_is_the_same_object(embedded):
     """Rendering at 2x size and downsampling gives about the same image (coordinate generator)."""
-    model = load_trained(embedded["run"]).model
+    model = RunFolder(embedded["run"]).load_model().model
     z = np.array([[0.5, -1.0]])
     small = render(model, z, BOX)[0]
     big = torch.from_numpy(render(model, z, 2 * BOX))[None]
@@ -165,9 +170,9 @@ def test_parse_dims():
 
 def test_z_dim_3_plane_only_for_two_dims(tmp_path):
     run = make_run_folder(tmp_path / "run", BOX, z_dim=3)
-    s = generate_figures(run, tmp_path / "a", n_steps=3)
+    s = generate_figures(GenerateOptions(run, tmp_path / "a", n_steps=3))
     assert {p.name for p in s.outputs} == {"latent_traversal.png"}
-    s = generate_figures(run, tmp_path / "b", n_steps=3, dims="1,3")
+    s = generate_figures(GenerateOptions(run, tmp_path / "b", n_steps=3, dims="1,3"))
     assert {p.name for p in s.outputs} == {"latent_traversal.png", "latent_plane.png"}
 
 
@@ -227,9 +232,11 @@ def test_ctf_run_adds_a_ctf_row_and_phase_flips(tmp_path):
     defocus = {"rlnDefocusU": np.full(10, 12000.0), "rlnDefocusV": np.full(10, 11000.0)}
     star = write_particle_set(tmp_path / "d", images, 2.0, extra=defocus)
     run = make_run_folder(tmp_path / "run", BOX, ctf=True)
-    embed_particles(run, star, tmp_path / "e.star")
+    embed_particles(EmbedOptions(run, star, tmp_path / "e.star"))
     generate_figures(
-        run, tmp_path / "f", embedding=tmp_path / "e.npz", particles=star, n_steps=2, n_recon=4
+        GenerateOptions(
+            run, tmp_path / "f", embedding=tmp_path / "e.npz", particles=star, n_steps=2, n_recon=4
+        )
     )
     lay = figures.grid_layout(3, 4, BOX, row_labels=True, col_labels=True, xlabel=True)
     assert _png_size(tmp_path / "f" / "reconstructions.png") == lay.size

@@ -15,7 +15,6 @@ from tvae_em.io import (
     cs_to_relion31,
     dataframe_to_cs,
     read_cs,
-    relion31_tables,
     write_cs,
 )
 
@@ -93,7 +92,7 @@ def test_empiar_cs_reads_the_same_images_as_the_star():
     np.testing.assert_array_equal(from_cs.read([6, 0]), from_star.read([6, 0]))
     np.testing.assert_allclose(from_cs.apix, from_star.apix, rtol=1e-6)
     assert "uid" in from_cs.particles and "ctf/df1_A" in from_cs.particles
-    particles, optics = relion31_tables(from_cs)
+    particles, optics = from_cs.relion31_tables()
     np.testing.assert_allclose(
         particles["rlnDefocusU"], from_star.particles["rlnDefocusU"], rtol=1e-6
     )

@@ -15,7 +15,6 @@ from tvae_em.errors import UserError
 from tvae_em.io import (
     ParticleStack,
     read_particles_star,
-    relion31_tables,
     write_particles_star,
     write_stack,
     write_star,
@@ -262,7 +261,7 @@ def test_relion30_to_31_star(tmp_path):
         rlnDefocusU=[1e4, 2e4, 3e4],
     )
     stack = ParticleStack.open(star)
-    particles, optics = relion31_tables(stack)
+    particles, optics = stack.relion31_tables()
     assert len(optics) == 2 and sorted(optics["rlnImagePixelSize"]) == [5.0, 10.0]
     assert (optics["rlnImageSize"] == 8).all() and (optics["rlnImageDimensionality"] == 2).all()
     assert (optics["rlnVoltage"] == 300).all()

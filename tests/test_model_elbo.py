@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from tvae_em.errors import UserError
+from tvae_em.fourier import apply_ctf
 from tvae_em.model import ModelConfig, TargetVAE, choose_likelihood
 from tvae_em.model.posterior import (
     kl_terms,
@@ -18,7 +19,6 @@ from tvae_em.model.posterior import (
     read_out,
     sample_pose_latent,
 )
-from tvae_em.model.vae import apply_ctf
 
 N, D, Z = 4, 3, 1
 

@@ -20,8 +20,8 @@ import starfile
 import torch
 from torch import nn
 
-from tvae_em.embed import cryosparc_pose, embed_particles, relion_pose, wrap_degrees
-from tvae_em.geometry import transform_images
+from tvae_em.embed import EmbedOptions, embed_particles
+from tvae_em.geometry import cryosparc_pose, relion_pose, transform_images, wrap_degrees
 from tvae_em.metrics import relion_align
 from tvae_em.model import TargetVAE
 from tvae_em.synthetic import fourier_resize, render_glyph
@@ -130,12 +130,14 @@ def exported(posed, tmp_path_factory):
     try:
         out = root / "out"
         embed_particles(
-            run,
-            prep_star,
-            out / "embedded.star",
-            batch_size=5,
-            original=full_star,
-            cs_out=out / "embedded.cs",
+            EmbedOptions(
+                run,
+                prep_star,
+                out / "embedded.star",
+                batch_size=5,
+                original=full_star,
+                cs_out=out / "embedded.cs",
+            )
         )
     finally:
         mp.undo()

@@ -14,13 +14,13 @@ import torch
 from click.testing import CliRunner
 
 from tvae_em.cli import main
-from tvae_em.ctf import apply_ctf, compute_ctf
+from tvae_em.ctf import compute_ctf
 from tvae_em.errors import UserError
+from tvae_em.fourier import apply_ctf, fourier_resize
 from tvae_em.geometry import align_images, transform_images
 from tvae_em.metrics import relion_align
 from tvae_em.synthetic import (
     blob_volume,
-    fourier_resize,
     glyphs,
     load_mnist,
     mnist_rotated,
@@ -178,13 +178,11 @@ def test_ctf_round_trip_through_particle_stack(volume, tmp_path):
     io = pytest.importorskip("tvae_em.io")
     if not hasattr(io, "ParticleStack"):
         pytest.skip("tvae_em.io has no ParticleStack yet")
-    from tvae_em.ctf import ctf_params
-
     images, truth = simulate_particles(volume, 6, spread_views(2), apix=4.0, snr=1.0, seed=3)
     paths = write_dataset(tmp_path, images, truth, 4.0, truth["ctf"])
     stack = io.ParticleStack.open(paths["star"])
     np.testing.assert_allclose(stack.read(np.arange(6)), images, atol=1e-6)
-    read = ctf_params(stack)
+    read = stack.ctf_params()
     for field in ("dfu_A", "dfv_A", "dfang_deg", "volt_kv", "cs_mm", "amp_contrast"):
         np.testing.assert_allclose(getattr(read, field), getattr(truth["ctf"], field), rtol=1e-6)
 

@@ -17,10 +17,10 @@ import torch
 from click.testing import CliRunner
 from conftest import TINY_MODEL, write_particle_set
 
-from tvae_em.checkpoint import load_checkpoint
 from tvae_em.cli import main
+from tvae_em.run import read_checkpoint as load_checkpoint
 from tvae_em.synthetic import glyphs
-from tvae_em.train import TrainingDiverged, TrainOptions, train
+from tvae_em.training import TrainingDiverged, TrainOptions, train
 
 BOX = 16
 
@@ -79,13 +79,13 @@ def test_resume_matches_uninterrupted_run(glyph_star, tmp_path):
 
 
 def test_interrupt_keeps_last_checkpoint_and_resumes(glyph_star, tmp_path, monkeypatch):
-    import tvae_em.train as tr
+    import tvae_em.training.loop as tr
 
     run = tmp_path / "run"
     original = tr._run_epoch
 
     def interrupted(*args, **kw):
-        if args[3] == 2:  # epoch 2
+        if args[2] == 2:  # epoch 2
             raise KeyboardInterrupt
         return original(*args, **kw)
 

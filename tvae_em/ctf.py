@@ -1,4 +1,7 @@
-"""The contrast transfer function (CTF) of each particle, from its star/cs metadata, in torch.
+"""The contrast transfer function (CTF): physics only (parameters in, CTF images out), in torch.
+
+Reading the parameters from RELION/cryoSPARC metadata is `tvae_em.io` (``stack.ctf_params()``);
+applying a CTF to images is `tvae_em.fourier.apply_ctf`.
 
 Sign convention: RELION's (ctf.h, CTF::getCTF). With the phase
     gamma(s) = 2 pi (-0.5 df lambda s^2 + 0.25 Cs lambda^3 s^4) - phase_shift,
@@ -20,10 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 import numpy as np
-import pandas as pd
 import torch
-
-from .errors import UserError
 
 FIELDS = (
     "dfu_A",
@@ -110,6 +110,15 @@ def compute_ctf(
     return ctf
 
 
+def batch_ctf(
+    params: CtfParams, apix: np.ndarray, idx: np.ndarray, box: int, device=None
+) -> torch.Tensor:
+    """(B, box, box) CTFs of the particles ``idx`` for images of ``box`` pixels of ``apix[idx]``
+    Angstrom (apix: (n,) per particle of the whole set), as training, embedding and figures use."""
+    idx = np.asarray(idx)
+    return compute_ctf(box, torch.as_tensor(np.asarray(apix)[idx]), params.subset(idx), device)
+
+
 def _frequencies(box: int, apix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(fx, fy), each (B, box, box): fft2 frequencies of columns (x) and rows (y) in 1/Angstrom."""
     f = torch.fft.fftfreq(box, device=apix.device)  # cycles per pixel
@@ -149,132 +158,3 @@ def _hermitian(ctf: torch.Tensor) -> torch.Tensor:
     d = ctf.shape[-1]
     neg = (-torch.arange(d, device=ctf.device)) % d
     return 0.5 * (ctf + ctf[:, neg][:, :, neg])
-
-
-def apply_ctf(images: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
-    """Real images (B, D, D) multiplied by their CTFs (B, D, D) in Fourier space (real result)."""
-    return torch.fft.ifft2(torch.fft.fft2(images) * ctf).real
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading the parameters from particle metadata
-
-_RELION_PARTICLE = {
-    "dfu_A": "rlnDefocusU",
-    "dfv_A": "rlnDefocusV",
-    "dfang_deg": "rlnDefocusAngle",
-    "phase_shift_deg": "rlnPhaseShift",
-    "bfactor": "rlnCtfBfactor",
-}
-_RELION_OPTICS = {
-    "volt_kv": "rlnVoltage",
-    "cs_mm": "rlnSphericalAberration",
-    "amp_contrast": "rlnAmplitudeContrast",
-}
-_CS_FIELDS = {
-    "dfu_A": "ctf/df1_A",
-    "dfv_A": "ctf/df2_A",
-    "dfang_deg": "ctf/df_angle_rad",
-    "volt_kv": "ctf/accel_kv",
-    "cs_mm": "ctf/cs_mm",
-    "amp_contrast": "ctf/amp_contrast",
-    "phase_shift_deg": "ctf/phase_shift_rad",
-    "bfactor": "ctf/bfactor",
-}
-PHASE_FLIPPED = "tvaePhaseFlipped"  # particle column written by preprocess --phase-flip
-_OPTIONAL = {"dfv_A", "dfang_deg", "phase_shift_deg", "bfactor"}
-
-
-def ctf_params(stack) -> CtfParams | None:
-    """Per-particle CtfParams from a ParticleStack's metadata; None when it carries no defocus.
-
-    RELION: rlnDefocusU/V/Angle, rlnPhaseShift, rlnCtfBfactor per particle; voltage, Cs and
-    amplitude contrast per particle (3.0) or from the optics group (3.1+). cryoSPARC: ctf/* fields.
-    """
-    kind = getattr(stack, "kind", None)
-    if kind == "cryosparc":
-        return _from_cryosparc(stack.particles, _source(stack))
-    if kind in ("relion30", "relion31"):
-        return _from_relion(stack.particles, getattr(stack, "optics", None), _source(stack))
-    return None
-
-
-def _source(stack) -> str:
-    """The name of the stack's input file, for error messages."""
-    return str(getattr(stack, "path", None) or getattr(stack, "source", "the particle file"))
-
-
-def _from_relion(
-    particles: pd.DataFrame, optics: pd.DataFrame | None, src: str
-) -> CtfParams | None:
-    """CtfParams from RELION columns (optics values joined on rlnOpticsGroup where needed)."""
-    if "rlnDefocusU" not in particles.columns:
-        return None
-    n = len(particles)
-    out = {}
-    for key, column in _RELION_PARTICLE.items():
-        if column in particles.columns:
-            out[key] = _numeric(particles[column], column, src)
-    out.setdefault("dfv_A", out["dfu_A"])
-    for key, column in _RELION_OPTICS.items():
-        out[key] = _optics_value(particles, optics, column, src)
-    params = _complete(out, n)
-    if PHASE_FLIPPED in particles.columns:
-        params.phase_flipped = _numeric(particles[PHASE_FLIPPED], PHASE_FLIPPED, src)
-    return params
-
-
-def _optics_value(
-    particles: pd.DataFrame, optics: pd.DataFrame | None, column: str, src: str
-) -> np.ndarray:
-    """(n,) values of an optics column: per particle if present, else via rlnOpticsGroup."""
-    if column in particles.columns:
-        return _numeric(particles[column], column, src)
-    if optics is None or column not in optics.columns:
-        raise UserError(f"{src}: particles have rlnDefocusU but no {column} (needed for the CTF)")
-    if len(optics) == 1 and "rlnOpticsGroup" not in particles.columns:
-        return np.full(len(particles), _numeric(optics[column], column, src)[0])
-    if "rlnOpticsGroup" not in particles.columns or "rlnOpticsGroup" not in optics.columns:
-        raise UserError(f"{src}: cannot match particles to optics groups (no rlnOpticsGroup)")
-    table = dict(
-        zip(
-            optics["rlnOpticsGroup"].astype(int), _numeric(optics[column], column, src), strict=True
-        )
-    )
-    groups = particles["rlnOpticsGroup"].astype(int).to_numpy()
-    missing = sorted(set(groups) - set(table))
-    if missing:
-        raise UserError(f"{src}: rlnOpticsGroup {missing[0]} is not in the optics block")
-    return np.array([table[g] for g in groups], dtype=np.float64)
-
-
-def _from_cryosparc(particles: pd.DataFrame, src: str) -> CtfParams | None:
-    """CtfParams from cryoSPARC ctf/* fields (radians converted to degrees)."""
-    if _CS_FIELDS["dfu_A"] not in particles.columns:
-        return None
-    out = {}
-    for key, column in _CS_FIELDS.items():
-        if column in particles.columns:
-            out[key] = _numeric(particles[column], column, src)
-        elif key not in _OPTIONAL:
-            raise UserError(f"{src}: has ctf/df1_A but no {column} (needed for the CTF)")
-    for key in ("dfang_deg", "phase_shift_deg"):
-        if key in out:
-            out[key] = np.rad2deg(out[key])
-    out.setdefault("dfv_A", out["dfu_A"])
-    return _complete(out, len(particles))
-
-
-def _numeric(series: pd.Series, column: str, src: str) -> np.ndarray:
-    """A column as float64, or a UserError naming it."""
-    values = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64)
-    if np.isnan(values).any():
-        raise UserError(f"{src}: column {column} has missing or non-numeric values")
-    return values
-
-
-def _complete(values: dict[str, np.ndarray], n: int) -> CtfParams:
-    """CtfParams with absent optional fields set to zero."""
-    for key in FIELDS:
-        values.setdefault(key, np.zeros(n))
-    return CtfParams(**{k: np.asarray(values[k], dtype=np.float64) for k in FIELDS})

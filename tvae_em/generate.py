@@ -18,16 +18,43 @@ import pandas as pd
 import torch
 
 from . import figures
+from .clustering import assign_classes
+from .ctf import batch_ctf
 from .data import BatchDataset, Normalisation, epoch_batches, make_loader
-from .embed import Progress, assign_classes, load_model, run_uses_ctf
 from .errors import UserError
-from .geometry import align_images
+from .fourier import apply_ctf, phase_flip
+from .geometry import align_images, relion_pose
+from .inference import Embedding
+from .io import ParticleStack, build_optics, ensure_writable_dir, write_stack, write_star
+from .progress import Advance, ProgressFactory, no_progress
+from .run import RunFolder, TrainedModel
+from .runtime import resolve_device
 
-NPZ_KEYS = ("z_mu", "theta_rad", "t_px", "psi_deg", "origin_A", "class")
 MAX_SIZE = 1024
 MAX_STEPS = 33
 MAX_DEFAULT_DIMS = 10
 RENDER_PIXELS = 2_000_000  # pixels rendered per generator call (bounds memory)
+
+
+@dataclass
+class GenerateOptions:
+    """Every option of `tvae-em generate`."""
+
+    run_dir: str | os.PathLike
+    out_dir: str | os.PathLike
+    embedding: str | os.PathLike | None = None
+    particles: str | os.PathLike | None = None
+    size: int | None = None
+    n_steps: int = 9
+    dims: str | None = None
+    value_range: float = 2.5
+    classes: int | None = None
+    n_recon: int = 8
+    datadir: str | os.PathLike | None = None
+    input_apix: float | None = None
+    device: str = "auto"
+    checkpoint: str = "last"
+    seed: int = 0
 
 
 @dataclass
@@ -146,7 +173,7 @@ def class_averages(
     k: int,
     batch_size: int = 256,
     flip_for: Callable[[np.ndarray], torch.Tensor] | None = None,
-    progress: Progress | None = None,
+    advance: Advance | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-class means (k, D, D) of particles aligned with their pose, and class sizes (k,).
 
@@ -161,12 +188,12 @@ def class_averages(
     for idx, y in loader:
         i = idx.numpy()
         if flip_for is not None:
-            y = torch.fft.ifft2(torch.fft.fft2(y) * torch.sign(flip_for(i))).real.float()
+            y = phase_flip(y, flip_for(i))
         th = torch.as_tensor(theta[i], dtype=torch.float32)
         aligned = align_images(y, th, torch.as_tensor(t_px[i], dtype=torch.float32))  # (B, D, D)
         sums.index_add_(0, torch.as_tensor(labels[i]), aligned.double())
-        if progress is not None:
-            progress(len(i))
+        if advance is not None:
+            advance(len(i))
     means = sums / torch.as_tensor(np.maximum(counts, 1), dtype=torch.float64)[:, None, None]
     return means.float().numpy(), counts
 
@@ -174,33 +201,8 @@ def class_averages(
 # ---------------------------------------------------------------- inputs
 
 
-def load_embedding(path: str | os.PathLike, z_dim: int) -> dict[str, np.ndarray]:
-    """The arrays of an embed .npz, checked against the model's z dimension."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--embedding {path}: file not found")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files}
-    except Exception as e:
-        raise UserError(f"--embedding {path}: not a readable .npz ({type(e).__name__})") from None
-    missing = [k for k in NPZ_KEYS if k not in data]
-    if missing:
-        raise UserError(
-            f"--embedding {path}: no {', '.join(missing)} (not written by tvae-em embed)"
-        )
-    if data["z_mu"].ndim != 2 or data["z_mu"].shape[1] != z_dim:
-        raise UserError(
-            f"--embedding {path}: z has shape {data['z_mu'].shape} but the model has z_dim {z_dim}"
-            " (embedded with another run?)"
-        )
-    return data
-
-
 def open_particles(path, datadir, input_apix, box: int, n_embedded: int | None):
     """ParticleStack of --particles, at the model's box and matching the embedding's length."""
-    from .io import ParticleStack
-
     stack = ParticleStack.open(path, datadir=datadir, apix=input_apix)
     if stack.box != box:
         raise UserError(
@@ -215,17 +217,18 @@ def open_particles(path, datadir, input_apix, box: int, n_embedded: int | None):
     return stack
 
 
-def _class_labels(emb: dict[str, np.ndarray], classes: int | None, seed: int) -> np.ndarray:
-    """1-based classes (n,) from --classes (k-means) or the embedding (0 = unclassified -> 1)."""
-    n = len(emb["z_mu"])
+def _class_labels(emb: Embedding, classes: int | None, seed: int) -> np.ndarray:
+    """1-based classes (n,) from --classes (k-means) or the embedding (unclassified -> 1)."""
+    n = len(emb)
     if classes is not None:
         if not 1 <= classes <= n:
             raise UserError(
                 f"--classes {classes}: must be between 1 and the {n} embedded particles"
             )
-        return assign_classes(emb["z_mu"], classes, seed)
-    labels = np.asarray(emb["class"], dtype=np.int64)
-    return np.where(labels > 0, labels, 1)
+        return assign_classes(emb.z_mu, classes, seed)
+    if emb.labels is None:
+        return np.ones(n, np.int64)
+    return np.where(emb.labels > 0, emb.labels, 1)
 
 
 def _check_numbers(size: int, n_steps: int, value_range: float, n_recon: int) -> None:
@@ -274,13 +277,15 @@ def plane_figure(path: Path, model, axes: LatentAxes, dims, steps, size, device)
     )
 
 
-def reconstruction_figure(path: Path, trained, stack, n_recon, size, use_ctf, device) -> None:
+def reconstruction_figure(
+    path: Path, trained: TrainedModel, stack, n_recon, size, use_ctf, device
+) -> None:
     """Particles (top) beside the generator at their inferred pose (below; x CTF if trained so)."""
     model = trained.model
     box = stack.box
     idx = np.unique(np.linspace(0, len(stack) - 1, min(n_recon, len(stack))).round().astype(int))
-    norm = Normalisation(trained.norm_mean, trained.norm_sd)
-    y = torch.from_numpy(norm.apply(stack.read(idx)).astype(np.float32)).to(device)
+    y = torch.from_numpy(trained.normalisation.apply(stack.read(idx)).astype(np.float32))
+    y = y.to(device)
     with torch.inference_mode():
         out = model.embed(y)
     z, theta = out["z_mu"].cpu().numpy(), out["theta"].cpu().numpy()
@@ -290,7 +295,7 @@ def reconstruction_figure(path: Path, trained, stack, n_recon, size, use_ctf, de
     if use_ctf:
         rows.append(list(_with_ctf(np.stack(rows[1]), stack, idx, size)))
         labels.append("model x CTF")
-    psi = -np.degrees(theta)
+    psi, _ = relion_pose(theta, out["t"].cpu().numpy(), stack.apix[idx])
     figures.image_grid(
         path,
         rows,
@@ -303,21 +308,17 @@ def reconstruction_figure(path: Path, trained, stack, n_recon, size, use_ctf, de
 
 def _with_ctf(images: np.ndarray, stack, idx: np.ndarray, size: int) -> np.ndarray:
     """Images (n, size, size) multiplied by their particles' CTFs (pixel size scaled to size)."""
-    from .ctf import apply_ctf, compute_ctf, ctf_params
-
-    params = ctf_params(stack).subset(idx)
-    apix = torch.as_tensor(stack.apix[idx] * stack.box / size)
-    return apply_ctf(torch.from_numpy(images), compute_ctf(size, apix, params)).numpy()
+    ctf = batch_ctf(stack.ctf_params(), stack.apix * stack.box / size, idx, size)
+    return apply_ctf(torch.from_numpy(images), ctf).numpy()
 
 
 def class_average_outputs(folder: Path, averages, counts, apix: float) -> list[Path]:
     """class_averages.mrcs, .star (class sizes) and .png."""
-    from .io import write_stack, write_star
-
     k, box = len(averages), averages.shape[-1]
     mrcs, star, png = (folder / f"class_averages.{ext}" for ext in ("mrcs", "star", "png"))
     write_stack(mrcs, [averages.astype(np.float32)], k, box, apix)
-    write_star(star, {"optics": _optics(apix, box), "particles": _class_table(counts, mrcs.name)})
+    _, optics = build_optics(pd.DataFrame(index=[0]), np.array([float(apix)]), box)
+    write_star(star, {"optics": optics, "particles": _class_table(counts, mrcs.name)})
     per_row = min(k, 10)
     titles = [f"class {j + 1} (n={c})" for j, c in enumerate(counts)]
     figures.image_grid(
@@ -327,18 +328,6 @@ def class_average_outputs(folder: Path, averages, counts, apix: float) -> list[P
         panel_titles=[titles[i : i + per_row] for i in range(0, k, per_row)],
     )
     return [mrcs, star, png]
-
-
-def _optics(apix: float, box: int) -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "rlnOpticsGroup": [1],
-            "rlnOpticsGroupName": ["opticsGroup1"],
-            "rlnImagePixelSize": [float(apix)],
-            "rlnImageSize": [int(box)],
-            "rlnImageDimensionality": [2],
-        }
-    )
 
 
 def _class_table(counts: np.ndarray, stack_name: str) -> pd.DataFrame:
@@ -354,14 +343,12 @@ def _class_table(counts: np.ndarray, stack_name: str) -> pd.DataFrame:
     )
 
 
-def scatter_figure(path: Path, emb: dict[str, np.ndarray], labels: np.ndarray) -> None:
+def scatter_figure(path: Path, emb: Embedding, labels: np.ndarray) -> None:
     """Embedded z (z1/z2, first principal axes when Z > 2, z1 vs ELBO when Z = 1) by class."""
-    z = np.asarray(emb["z_mu"], dtype=np.float64)
+    z = np.asarray(emb.z_mu, dtype=np.float64)
     if z.shape[1] == 1:
-        elbo = emb.get("elbo")
-        has_elbo = elbo is not None and np.isfinite(elbo).any()
-        y = elbo if has_elbo else emb.get("confidence", np.zeros(len(z)))
-        x, xl, yl = z[:, 0], "z1", "ELBO (nats)" if has_elbo else "pose confidence"
+        y = emb.elbo if emb.has_elbo else emb.confidence
+        x, xl, yl = z[:, 0], "z1", "ELBO (nats)" if emb.has_elbo else "pose confidence"
     elif z.shape[1] == 2:
         x, y, xl, yl = z[:, 0], z[:, 1], "z1", "z2"
     else:
@@ -371,13 +358,13 @@ def scatter_figure(path: Path, emb: dict[str, np.ndarray], labels: np.ndarray) -
     figures.scatter(path, x, y, labels, "Latent means (tvaeZ) by class", xl, yl)
 
 
-def histogram_figure(path: Path, emb: dict[str, np.ndarray]) -> None:
+def histogram_figure(path: Path, emb: Embedding) -> None:
     """Histograms of rlnAnglePsi and of the origins in Angstrom."""
-    origin = np.asarray(emb["origin_A"])
+    psi, origin = emb.relion_pose()
     figures.histograms(
         path,
         [
-            (emb["psi_deg"], "rlnAnglePsi", "degrees"),
+            (psi, "rlnAnglePsi", "degrees"),
             (origin[:, 0], "rlnOriginXAngst", "Angstrom"),
             (origin[:, 1], "rlnOriginYAngst", "Angstrom"),
         ],
@@ -389,47 +376,36 @@ def histogram_figure(path: Path, emb: dict[str, np.ndarray]) -> None:
 
 
 def generate_figures(
-    run_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    embedding: str | os.PathLike | None = None,
-    particles: str | os.PathLike | None = None,
-    size: int | None = None,
-    n_steps: int = 9,
-    dims: str | None = None,
-    value_range: float = 2.5,
-    classes: int | None = None,
-    n_recon: int = 8,
-    datadir: str | os.PathLike | None = None,
-    input_apix: float | None = None,
-    device: str = "auto",
-    checkpoint: str = "last",
-    seed: int = 0,
-    progress: Progress | None = None,
-    on_start: Callable[[int], object] | None = None,
+    opts: GenerateOptions, progress: ProgressFactory = no_progress
 ) -> GenerateSummary:
-    """Write the PNGs (and class averages) of a run into out_dir; see docs/outputs.md."""
-    from .io import ensure_writable_dir
-    from .train import resolve_device
+    """Write the PNGs (and class averages) of a run into ``opts.out_dir``; see docs/outputs.md.
 
-    dev = resolve_device(device)
-    trained = load_model(run_dir, dev, checkpoint)
+    Every option is checked before the first file is written.
+    """
+    dev = resolve_device(opts.device)
+    trained = RunFolder(opts.run_dir).load_model(dev, opts.checkpoint)
     model, z_dim, box = trained.model, trained.model.cfg.z_dim, trained.model.cfg.box
-    size = size or box
-    _check_numbers(size, n_steps, value_range, n_recon)
-    emb = load_embedding(embedding, z_dim) if embedding else None
-    axes = latent_axes(z_dim, emb["z_mu"] if emb is not None else None)
-    chosen = parse_dims(dims, z_dim, "the latent space" if emb is None else "the embedded z")
-    n_emb = len(emb["z_mu"]) if emb is not None else None
-    stack = open_particles(particles, datadir, input_apix, box, n_emb) if particles else None
-    labels = _class_labels(emb, classes, seed) if emb is not None else None
-    use_ctf = stack is not None and run_uses_ctf(trained, stack) and _has_ctf(stack)
+    size = opts.size or box
+    _check_numbers(size, opts.n_steps, opts.value_range, opts.n_recon)
+    emb = Embedding.load_npz(opts.embedding, z_dim) if opts.embedding else None
+    axes = latent_axes(z_dim, emb.z_mu if emb is not None else None)
+    what = "the latent space" if emb is None else "the embedded z"
+    chosen = parse_dims(opts.dims, z_dim, what)
+    n_emb = len(emb) if emb is not None else None
+    stack = (
+        open_particles(opts.particles, opts.datadir, opts.input_apix, box, n_emb)
+        if opts.particles
+        else None
+    )
+    labels = _class_labels(emb, opts.classes, opts.seed) if emb is not None else None
+    use_ctf = stack is not None and trained.uses_ctf(stack) and stack.ctf_params() is not None
     try:
-        folder = ensure_writable_dir(out_dir)
+        folder = ensure_writable_dir(opts.out_dir)
     except UserError as e:
-        raise UserError(f"-o {out_dir}: {e}") from None
+        raise UserError(f"-o {opts.out_dir}: {e}") from None
 
     summary = GenerateSummary()
-    steps = step_values(n_steps, value_range)
+    steps = step_values(opts.n_steps, opts.value_range)
     summary.outputs.append(folder / "latent_traversal.png")
     traversal_figure(summary.outputs[-1], model, axes, chosen, steps, size, dev)
     if len(chosen) == 2:
@@ -437,7 +413,7 @@ def generate_figures(
         plane_figure(summary.outputs[-1], model, axes, chosen, steps, size, dev)
     if stack is not None:
         summary.outputs.append(folder / "reconstructions.png")
-        reconstruction_figure(summary.outputs[-1], trained, stack, n_recon, size, use_ctf, dev)
+        reconstruction_figure(summary.outputs[-1], trained, stack, opts.n_recon, size, use_ctf, dev)
     else:
         summary.notes.append("reconstructions need --particles")
     if emb is None:
@@ -450,33 +426,23 @@ def generate_figures(
     if stack is None:
         summary.notes.append("class averages need --particles (the star that was embedded)")
         return summary
-    if on_start is not None:
-        on_start(len(stack))
-    norm = Normalisation(trained.norm_mean, trained.norm_sd)
     flip = _flip_function(stack) if use_ctf else None
-    averages, counts = class_averages(
-        stack,
-        norm,
-        emb["theta_rad"],
-        emb["t_px"],
-        labels - 1,
-        int(labels.max()),
-        flip_for=flip,
-        progress=progress,
-    )
+    with progress(len(stack), "class averages") as advance:
+        averages, counts = class_averages(
+            stack,
+            trained.normalisation,
+            emb.theta,
+            emb.t,
+            labels - 1,
+            int(labels.max()),
+            flip_for=flip,
+            advance=advance,
+        )
     summary.outputs += class_average_outputs(folder, averages, counts, float(np.median(stack.apix)))
     return summary
 
 
-def _has_ctf(stack) -> bool:
-    from .ctf import ctf_params
-
-    return ctf_params(stack) is not None
-
-
-def _flip_function(stack) -> Callable[[np.ndarray], torch.Tensor]:
+def _flip_function(stack: ParticleStack) -> Callable[[np.ndarray], torch.Tensor]:
     """idx -> (B, D, D) CTFs of those particles (their signs phase-flip the images)."""
-    from .ctf import compute_ctf, ctf_params
-
-    params, apix = ctf_params(stack), stack.apix
-    return lambda idx: compute_ctf(stack.box, torch.as_tensor(apix[idx]), params.subset(idx))
+    params, apix = stack.ctf_params(), stack.apix
+    return lambda idx: batch_ctf(params, apix, idx, stack.box)

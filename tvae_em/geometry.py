@@ -1,18 +1,21 @@
 """Image coordinates, rotations and shifts: the one pose convention used everywhere.
 
-Convention (see docs/conventions.md):
+Convention (docs/architecture.md):
 - an image is an array ``img[row, col]`` of size D x D, centred on pixel (D//2, D//2) (RELION);
 - x = col - D//2 and y = row - D//2, in pixels (y grows with the row index, as RELION's alignment);
 - ``R(theta) = [[cos, -sin], [sin, cos]]`` acts on (x, y);
 - a particle at pose (theta, t) is ``T(t) R(theta) template``:
   ``particle(p) = template(R(-theta) (p - t))``.
-RELION then aligns it with rlnAnglePsi = -theta (degrees) and rlnOriginX/YAngst = -t * pixel size.
+RELION then aligns it with rlnAnglePsi = -theta (degrees) and rlnOriginX/YAngst = -t * pixel size
+(`relion_pose`); cryoSPARC's alignments2D carry the same alignment in radians and pixels
+(`cryosparc_pose`). The model's generator is evaluated at `undo_pose` coordinates.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,6 +38,20 @@ def rotation_matrix(theta: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
 
 
+def undo_pose(p: torch.Tensor, theta: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """R(-theta) (p - t): where a particle at pose (theta, t) samples its template at pixels p.
+
+    p: (B or 1, P, 2) pixel coordinates (x, y); theta: (B,) radians; t: (B, 2) -> (B, P, 2).
+    """
+    rinv = rotation_matrix(-theta)  # (B, 2, 2)
+    return torch.einsum("bij,bpj->bpi", rinv, p - t[:, None, :])
+
+
+def apply_pose(p: torch.Tensor, theta: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """R(theta) p + t: the inverse of `undo_pose` (where template pixels p land in the particle)."""
+    return torch.einsum("bij,bpj->bpi", rotation_matrix(theta), p) + t[:, None, :]
+
+
 def transform_images(
     img: torch.Tensor, theta: torch.Tensor, t: torch.Tensor, mode: str = "bilinear"
 ) -> torch.Tensor:
@@ -43,9 +60,8 @@ def transform_images(
     img: (B, D, D); theta: (B,) radians; t: (B, 2) pixels as (x, y). Outside is zero.
     """
     b, d, _ = img.shape
-    p = pixel_grid(d, img.device, img.dtype).reshape(1, -1, 2) - t[:, None, :]  # (B, D*D, 2)
-    rinv = rotation_matrix(-theta.to(img.dtype))  # (B, 2, 2)
-    src = torch.einsum("bij,bpj->bpi", rinv, p)  # source (x, y) in pixels
+    p = pixel_grid(d, img.device, img.dtype).reshape(1, -1, 2)  # (1, D*D, 2)
+    src = undo_pose(p, theta.to(img.dtype), t)  # source (x, y) in pixels
     # grid_sample with align_corners=True maps -1 -> pixel 0 and +1 -> pixel D-1.
     src_pix = src + d // 2
     grid = (2.0 * src_pix / (d - 1) - 1.0).reshape(b, d, d, 2)
@@ -57,8 +73,7 @@ def align_images(img: torch.Tensor, theta: torch.Tensor, t: torch.Tensor) -> tor
     """Undo a pose: the template estimate R(-theta) T(-t) img for particles at pose (theta, t)."""
     b, d, _ = img.shape
     p = pixel_grid(d, img.device, img.dtype).reshape(1, -1, 2)
-    rot = rotation_matrix(theta.to(img.dtype))
-    src = torch.einsum("bij,bpj->bpi", rot, p) + t[:, None, :]
+    src = apply_pose(p, theta.to(img.dtype), t)
     grid = (2.0 * (src + d // 2) / (d - 1) - 1.0).reshape(b, d, d, 2)
     out = F.grid_sample(
         img[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True
@@ -69,3 +84,35 @@ def align_images(img: torch.Tensor, theta: torch.Tensor, t: torch.Tensor) -> tor
 def wrap_angle(theta: torch.Tensor) -> torch.Tensor:
     """Angles wrapped to [-pi, pi)."""
     return torch.remainder(theta + math.pi, 2 * math.pi) - math.pi
+
+
+# ---- export conventions -------------------------------------------------------------------------
+def wrap_degrees(deg: np.ndarray) -> np.ndarray:
+    """Angles in degrees wrapped to (-180, 180]."""
+    return 180.0 - np.mod(180.0 - np.asarray(deg, dtype=np.float64), 360.0)
+
+
+def relion_pose(
+    theta: np.ndarray, t_px: np.ndarray, apix: np.ndarray | float
+) -> tuple[np.ndarray, np.ndarray]:
+    """RELION alignment undoing pose theta (n,) rad, t (n, 2) px: psi (n,) deg, origin (n, 2) A."""
+    psi = wrap_degrees(-np.degrees(theta))
+    origin = -np.asarray(t_px, dtype=np.float64) * np.asarray(apix, dtype=np.float64).reshape(-1, 1)
+    return psi, origin
+
+
+def cryosparc_pose(
+    psi_deg: np.ndarray, origin_A: np.ndarray, psize: np.ndarray | float
+) -> tuple[np.ndarray, np.ndarray]:
+    """alignments2D pose (n,) rad and shift (n, 2) px that pyem's csparc2star maps to the given
+    RELION psi/origins (psi = degrees(pose), origin = shift * psize; no sign change)."""
+    shift = np.asarray(origin_A, dtype=np.float64) / np.asarray(psize, np.float64).reshape(-1, 1)
+    return np.radians(psi_deg), shift
+
+
+def relion_from_cryosparc(
+    pose_rad: np.ndarray, shift_px: np.ndarray, psize: np.ndarray | float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of `cryosparc_pose`: rlnAnglePsi (n,) deg and origins (n, 2) A (pyem)."""
+    origin = np.asarray(shift_px, dtype=np.float64) * np.asarray(psize, np.float64).reshape(-1, 1)
+    return np.degrees(pose_rad), origin

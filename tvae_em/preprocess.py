@@ -12,27 +12,29 @@ Conventions (docs/preprocess.md):
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.fft as sfft
+import torch
 
+from .ctf import batch_ctf
 from .errors import UserError
+from .fourier import fourier_crop, lowpass, phase_flip
 from .io import (
+    PHASE_FLIPPED,
     ParticleStack,
     atomic_paths,
     dataframe_to_cs,
     ensure_writable_dir,
-    relion31_tables,
     write_cs,
     write_stack,
     write_star,
 )
+from .progress import ProgressFactory, no_progress
 
 CHUNK_BYTES = 64 * 2**20  # default chunk: about this much float32 input (peak RAM ~4x this)
 MAX_CHUNK = 1000
@@ -42,62 +44,6 @@ _AXES = (-2, -1)
 
 
 # ---- pure image functions ----------------------------------------------------------------------
-def fourier_crop(images: np.ndarray, size: int) -> np.ndarray:
-    """Downsample (B, D, D) images to (B, size, size) by cropping their centred Fourier transform.
-
-    Real-space values are kept (the spectrum is scaled by (size/D)^2). For an even ``size`` the
-    new Nyquist row/column receives both the -size/2 and the +size/2 coefficients (their sum is
-    what a sampled cosine at that frequency shows), so band-limited images are reproduced exactly.
-    """
-    d = images.shape[-1]
-    if size > d:
-        raise ValueError(f"fourier_crop cannot enlarge {d} to {size}")
-    if size == d:
-        return np.array(images, dtype=np.float32, copy=True)
-    spec = sfft.rfft2(images, workers=-1)  # (B, D, D//2+1), phase origin at pixel 0
-    kr = np.rint(sfft.fftfreq(size) * size).astype(np.int64)  # (n,) output row frequencies
-    kc = np.arange(size // 2 + 1)  # (n//2+1,) output column frequencies
-    out = spec[:, (kr % d)[:, None], kc[None, :]]  # (B, n, n//2+1)
-    h = size // 2
-    extra = spec[:, h, : h + 1] if size % 2 == 0 else None  # row +n/2, folded into row -n/2
-    # Phase origin: input centre D//2 -> output centre n//2 (a no-op when both sizes are even).
-    shift = (d // 2) / d - h / size
-    if shift:
-        pr, pc = np.exp(2j * np.pi * kr * shift), np.exp(2j * np.pi * kc * shift)
-        out *= (pr[:, None] * pc[None, :]).astype(out.dtype)
-        if extra is not None:
-            extra = extra * (np.exp(2j * np.pi * h * shift) * pc).astype(out.dtype)
-    if extra is not None:
-        out[:, h, :] += extra
-        col = out[:, :, h]  # column -n/2 is the conjugate mirror of column +n/2
-        out[:, :, h] = col + np.conj(col[:, (-np.arange(size)) % size])
-    y = sfft.irfft2(out, s=(size, size), workers=-1)
-    return (y * (size / d) ** 2).astype(np.float32)
-
-
-def lowpass(
-    images: np.ndarray, apix: float | np.ndarray, resolution_A: float, kind: str = "gaussian"
-) -> np.ndarray:
-    """Low-pass filter (B, D, D) images to ``resolution_A`` Angstrom.
-
-    "gaussian": response exp(-ln2 (s * res)^2), one half at spatial frequency s = 1/res;
-    "hard": keep frequencies up to 1/res only. ``apix`` is a scalar or one value per image.
-    """
-    if kind not in ("gaussian", "hard"):
-        raise ValueError(f"unknown low-pass kind {kind!r}")
-    d = images.shape[-1]
-    radius = np.hypot(sfft.fftfreq(d)[:, None], sfft.rfftfreq(d)[None, :])  # (D, D//2+1) cycles/px
-    apix = np.asarray(apix, dtype=np.float64).reshape(-1, 1, 1)  # (B or 1, 1, 1)
-    s = radius[None] / apix  # (B or 1, D, D//2+1) in 1/Angstrom
-    if kind == "gaussian":
-        response = np.exp(-math.log(2.0) * (s * resolution_A) ** 2)
-    else:
-        response = (s <= 1.0 / resolution_A).astype(np.float64)
-    spec = sfft.rfft2(images, workers=-1) * response.astype(np.float32)
-    out = sfft.irfft2(spec, s=(d, d), workers=-1)
-    return out.astype(np.float32)
-
-
 def invert(images: np.ndarray) -> np.ndarray:
     """Contrast inversion (dark particles become bright and vice versa)."""
     return -images
@@ -244,22 +190,13 @@ def process_images(
     """
     x = fourier_crop(images, size)
     if ctf is not None:
-        x = phase_flip(x, ctf)
+        flipped = phase_flip(torch.from_numpy(x.astype(np.float64)), torch.from_numpy(ctf))
+        x = flipped.numpy().astype(np.float32)
     if lowpass_A is not None:
         x = lowpass(x, apix_out, lowpass_A)
     if invert_contrast:
         x = invert(x)
     return normalise(x, mask_radius, norm)
-
-
-def phase_flip(images: np.ndarray, ctf: np.ndarray) -> np.ndarray:
-    """Multiply each image's Fourier transform by the sign of its CTF (B, D, D) on the fft2 grid.
-
-    Undoes the CTF's contrast reversals (not its amplitude), as RELION's "ctf phase flip"; the
-    encoder then sees particles of one contrast at every frequency.
-    """
-    f = np.fft.fft2(images.astype(np.float64))
-    return np.fft.ifft2(f * np.sign(ctf)).real.astype(np.float32)
 
 
 def preprocess_stack(
@@ -271,7 +208,7 @@ def preprocess_stack(
     lowpass_A: float | None = None,
     skip_bad: bool = False,
     chunk_size: int | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: ProgressFactory = no_progress,
     mask_radius: float = DEFAULT_MASK_RADIUS,
     norm: str = "background",
     phase_flip: bool = False,
@@ -312,23 +249,12 @@ def preprocess_stack(
 
 def _phase_flip_params(stack: ParticleStack):
     """The stack's CTF parameters for --phase-flip, or a UserError when it has none."""
-    from .ctf import ctf_params
-
-    params = ctf_params(stack)
+    params = stack.ctf_params()
     if params is None:
         raise UserError(f"--phase-flip: {stack.source} has no defocus columns (no CTF to flip)")
     if params.phase_flipped is not None and (params.phase_flipped > 0.5).any():
         raise UserError(f"--phase-flip: {stack.source} is already phase-flipped")
     return params
-
-
-def _chunk_ctf(params, idx: np.ndarray, box: int, apix: np.ndarray) -> np.ndarray | None:
-    """(B, box, box) CTFs of the particles idx at the output pixel size, or None."""
-    from .ctf import compute_ctf
-
-    if params is None:
-        return None
-    return compute_ctf(box, apix, params.subset(idx)).numpy()
 
 
 def _run(stack, out_dir, box_out, apix_out, skip_bad, chunk_size, progress, options, t0):
@@ -337,7 +263,7 @@ def _run(stack, out_dir, box_out, apix_out, skip_bad, chunk_size, progress, opti
     options = dict(options)
     flip_params = options.pop("ctf_params", None)
     finals = [out_dir / "particles.mrcs", out_dir / "particles.star"]
-    if stack.kind == "cryosparc":
+    if stack.writes_cs:
         finals.append(out_dir / "particles.cs")
     kept: list[np.ndarray] = []
     skipped: list[tuple[int, str]] = []
@@ -351,7 +277,9 @@ def _run(stack, out_dir, box_out, apix_out, skip_bad, chunk_size, progress, opti
             good = np.array([r is None for r in reasons])
             if not good.all():
                 raw = raw[good]
-            ctf = _chunk_ctf(flip_params, idx[good], box_out, apix_out[idx[good]])
+            ctf = None
+            if flip_params is not None:
+                ctf = batch_ctf(flip_params, apix_out, idx[good], box_out).numpy()
             out = process_images(raw, box_out, apix_out[idx[good]], ctf=ctf, **options)
             del raw
             late = bad_image_reasons(out)  # e.g. overflow to Inf in the FFT
@@ -364,21 +292,18 @@ def _run(stack, out_dir, box_out, apix_out, skip_bad, chunk_size, progress, opti
                 skipped.append((int(idx[j]), reasons[j]))
             kept.append(idx[good])
             yield out
-            if progress is not None:
-                progress(len(idx))
+            advance(len(idx))
 
-    with atomic_paths(finals) as tmps:
+    with atomic_paths(finals) as tmps, progress(len(stack), "preprocess") as advance:
         n_out = write_stack(tmps[0], chunks(), len(stack), box_out, float(apix_out[0]))
         if n_out == 0:
             raise UserError(f"no usable particles in {stack.source}: all {len(stack)} are bad")
         keep = np.concatenate(kept)
         particles, optics = _output_tables(stack, keep, box_out, scale, finals[0].name)
         if flip_params is not None:
-            from .ctf import PHASE_FLIPPED
-
             particles[PHASE_FLIPPED] = 1
         write_star(tmps[1], {"optics": optics, "particles": particles})
-        if stack.kind == "cryosparc":
+        if stack.writes_cs:
             write_cs(tmps[2], _output_cs(stack, keep, box_out, scale, finals[0].name))
     return PreprocessSummary(
         n_in=len(stack),
@@ -409,7 +334,7 @@ def _output_tables(
     stack: ParticleStack, keep: np.ndarray, box_out: int, scale: float, stack_name: str
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """RELION 3.1 tables for the kept particles, pointing at the new stack and pixel size."""
-    particles, optics = relion31_tables(stack)
+    particles, optics = stack.relion31_tables()
     particles = particles.iloc[keep].reset_index(drop=True)
     particles["rlnImageName"] = [f"{k:06d}@{stack_name}" for k in range(1, len(keep) + 1)]
     optics = optics.copy()
@@ -422,8 +347,7 @@ def _output_cs(
     stack: ParticleStack, keep: np.ndarray, box_out: int, scale: float, stack_name: str
 ) -> np.ndarray:
     """The input .cs rows that were kept, every field kept, blob/* and 2D/3D shifts updated."""
-    cs_cols = [c for c in stack.particles.columns if "/" in c or c == "uid"]
-    df = stack.particles[cs_cols].iloc[keep].reset_index(drop=True).copy()
+    df, layout = stack.cs_fields(keep)
     apix_out = stack.apix[keep] * scale
     df["blob/path"] = stack_name
     df["blob/idx"] = np.arange(len(keep), dtype=df["blob/idx"].dtype)
@@ -437,4 +361,4 @@ def _output_cs(
             df[c] = (df[c].to_numpy(np.float64) / scale).astype(df[c].dtype)
         elif c.startswith("alignments") and c.endswith("/psize_A"):
             df[c] = apix_out.astype(df[c].dtype)
-    return dataframe_to_cs(df, stack.cs_dtype)
+    return dataframe_to_cs(df, layout)

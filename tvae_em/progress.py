@@ -1,11 +1,17 @@
-"""Progress reporting for long loops: a rich bar on a terminal, periodic log lines otherwise."""
+"""Progress reporting for long loops: a rich bar on a terminal, periodic log lines otherwise.
+
+The one convention for every long-running library function: it takes ``progress``, a
+`ProgressFactory` -- ``progress(total, description)`` is a context manager yielding
+``advance(n)`` -- and calls ``advance`` as work gets done. The commands pass `progress_bar`;
+library callers pass nothing (`no_progress`).
+"""
 
 from __future__ import annotations
 
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import TextIO
 
 from rich.console import Console
@@ -20,6 +26,15 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.text import Text
+
+Advance = Callable[[int], None]  # advance(n items done)
+ProgressFactory = Callable[[int, str], AbstractContextManager[Advance]]
+
+
+@contextmanager
+def no_progress(total: int, description: str) -> Iterator[Advance]:
+    """The `ProgressFactory` that shows nothing."""
+    yield lambda n: None
 
 
 class _RateColumn(ProgressColumn):

@@ -18,10 +18,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .ctf import CtfParams, apply_ctf, compute_ctf
+from .ctf import CtfParams, batch_ctf
 from .errors import UserError
-from .geometry import transform_images
-from .io import atomic_path, ensure_writable_dir, write_stack, write_star
+from .fourier import apply_ctf, fourier_resize
+from .geometry import relion_pose, transform_images
+from .io import atomic_path, build_optics, ensure_writable_dir, write_stack, write_star
 
 _CHUNK = 1024  # images per transform call, to bound memory
 
@@ -247,22 +248,6 @@ def project(volume: np.ndarray, rotations: np.ndarray) -> np.ndarray:
     return torch.stack(out).numpy()
 
 
-def fourier_resize(images: np.ndarray, size: int) -> np.ndarray:
-    """Images (n, D, D) resampled to (n, size, size) by cropping/padding the centred spectrum
-    (pixel values preserved: a constant image stays the same constant)."""
-    d = images.shape[-1]
-    if size == d:
-        return images.astype(np.float32)
-    f = torch.fft.fftshift(torch.fft.fft2(torch.from_numpy(images).double()), dim=(-2, -1))
-    m = min(d, size)
-    src = slice(d // 2 - m // 2, d // 2 - m // 2 + m)
-    dst = slice(size // 2 - m // 2, size // 2 - m // 2 + m)
-    g = torch.zeros(images.shape[:-2] + (size, size), dtype=f.dtype)
-    g[..., dst, dst] = f[..., src, src]
-    out = torch.fft.ifft2(torch.fft.ifftshift(g, dim=(-2, -1))).real * (size / d) ** 2
-    return out.float().numpy()
-
-
 def _crop_or_pad(images: np.ndarray, box: int) -> np.ndarray:
     """Centre crop or zero-pad images (n, D, D) to (n, box, box), keeping pixel D//2 at box//2."""
     d = images.shape[-1]
@@ -363,9 +348,10 @@ def _apply_ctf_chunked(images: np.ndarray, params: CtfParams, apix: float) -> np
     """Each image (n, D, D) multiplied by its CTF in Fourier space."""
     out = np.empty_like(images)
     box = images.shape[-1]
+    apix_all = np.full(len(images), float(apix))
     for i in range(0, len(images), _CHUNK):
         idx = np.arange(i, min(i + _CHUNK, len(images)))
-        c = compute_ctf(box, float(apix), params.subset(idx))
+        c = batch_ctf(params, apix_all, idx, box)
         out[idx] = apply_ctf(torch.from_numpy(images[idx]), c).numpy()
     return out
 
@@ -391,6 +377,7 @@ def truth_table(truth: dict, apix: float) -> pd.DataFrame:
     """The truth as a table: our pose (theta_rad, tx_px, ty_px), class, and the RELION alignment
     that undoes it (psi_deg = -theta, originX/Y_A = -t * apix; docs/architecture.md)."""
     theta, t = np.asarray(truth["theta"]), np.asarray(truth["t"])
+    psi, origin = relion_pose(theta, t, apix)
     return pd.DataFrame(
         {
             "index": np.arange(len(theta)),
@@ -398,9 +385,9 @@ def truth_table(truth: dict, apix: float) -> pd.DataFrame:
             "theta_rad": theta,
             "tx_px": t[:, 0],
             "ty_px": t[:, 1],
-            "psi_deg": -np.degrees(theta),
-            "originX_A": -t[:, 0] * apix,
-            "originY_A": -t[:, 1] * apix,
+            "psi_deg": psi,
+            "originX_A": origin[:, 0],
+            "originY_A": origin[:, 1],
         }
     )
 
@@ -414,18 +401,10 @@ def star_blocks(
         volt, cs, w = (
             float(x[0]) for x in (ctf_params.volt_kv, ctf_params.cs_mm, ctf_params.amp_contrast)
         )
-    optics = pd.DataFrame(
-        {
-            "rlnOpticsGroup": [1],
-            "rlnOpticsGroupName": ["opticsGroup1"],
-            "rlnImagePixelSize": [float(apix)],
-            "rlnImageSize": [int(box)],
-            "rlnImageDimensionality": [2],
-            "rlnVoltage": [volt],
-            "rlnSphericalAberration": [cs],
-            "rlnAmplitudeContrast": [w],
-        }
+    microscope = pd.DataFrame(
+        {"rlnVoltage": [volt], "rlnSphericalAberration": [cs], "rlnAmplitudeContrast": [w]}
     )
+    _, optics = build_optics(microscope, np.array([float(apix)]), box)
     particles = pd.DataFrame(
         {"rlnImageName": [f"{i + 1:06d}@{stack_name}" for i in range(n)], "rlnOpticsGroup": 1}
     )

@@ -2,13 +2,18 @@
 
 from .atomic import atomic_path, atomic_paths, ensure_writable_dir
 from .cs import cs_to_dataframe, cs_to_relion31, dataframe_to_cs, read_cs, write_cs
+from .ctf_columns import PHASE_FLIPPED, cryosparc_ctf_params, relion_ctf_params
 from .mrc import StackHeader, open_stack, read_header, write_stack
-from .particles import ParticleStack, relion31_tables, write_particles_star
+from .particles import CsStack, MrcsStack, ParticleStack, StarStack, write_particles_star
 from .relion import build_optics, origins_to_angstrom, relion30_to_31
 from .star import read_particles_star, read_star, write_star
 
 __all__ = [
+    "PHASE_FLIPPED",
+    "CsStack",
+    "MrcsStack",
     "ParticleStack",
+    "StarStack",
     "StackHeader",
     "atomic_path",
     "atomic_paths",
@@ -24,7 +29,8 @@ __all__ = [
     "read_particles_star",
     "read_star",
     "relion30_to_31",
-    "relion31_tables",
+    "cryosparc_ctf_params",
+    "relion_ctf_params",
     "write_cs",
     "write_particles_star",
     "write_stack",

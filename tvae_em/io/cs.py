@@ -15,10 +15,25 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UserError
+from ..geometry import relion_from_cryosparc
 from .atomic import atomic_path
 from .relion import build_optics
 
 REQUIRED = ("blob/path", "blob/idx")
+# The one mapping of cryoSPARC ctf/* fields to RELION labels (with the factor to RELION's units).
+CTF_PARTICLE_FIELDS = {
+    "ctf/df1_A": ("rlnDefocusU", 1.0),
+    "ctf/df2_A": ("rlnDefocusV", 1.0),
+    "ctf/df_angle_rad": ("rlnDefocusAngle", 180 / np.pi),
+    "ctf/phase_shift_rad": ("rlnPhaseShift", 180 / np.pi),
+    "ctf/bfactor": ("rlnCtfBfactor", 1.0),
+    "ctf/scale": ("rlnCtfScalefactor", 1.0),
+}
+CTF_OPTICS_FIELDS = {
+    "ctf/accel_kv": "rlnVoltage",
+    "ctf/cs_mm": "rlnSphericalAberration",
+    "ctf/amp_contrast": "rlnAmplitudeContrast",
+}
 _SUB = re.compile(r"^(.*)\[(\d+)\]$")
 
 
@@ -114,6 +129,31 @@ def write_cs(path: str | os.PathLike, table: pd.DataFrame | np.ndarray, template
         np.save(f, arr, allow_pickle=False)
 
 
+def ctf_as_relion(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The ctf/* fields present in a cryoSPARC table as RELION columns in RELION's units:
+    (per-particle columns such as rlnDefocusU, per-particle optics columns such as rlnVoltage)."""
+    particle = pd.DataFrame(index=range(len(df)))
+    for field, (label, factor) in CTF_PARTICLE_FIELDS.items():
+        if field in df:
+            particle[label] = _col(df, field) * factor
+    optics = pd.DataFrame(index=range(len(df)))
+    for field, label in CTF_OPTICS_FIELDS.items():
+        if field in df:
+            optics[label] = _col(df, field)
+    return particle, optics
+
+
+def check_ctf_fields(df: pd.DataFrame, src: str) -> bool:
+    """Whether a cryoSPARC table has CTF fields; UserError when it has defocus but lacks the
+    voltage, Cs or amplitude contrast needed to use it."""
+    if "ctf/df1_A" not in df.columns:
+        return False
+    for field in CTF_OPTICS_FIELDS:
+        if field not in df.columns:
+            raise UserError(f"{src}: has ctf/df1_A but no {field} (needed for the CTF)")
+    return True
+
+
 def blob_paths(df: pd.DataFrame) -> pd.Series:
     """blob/path without cryoSPARC's leading '>' marker."""
     return df["blob/path"].astype(str).str.removeprefix(">")
@@ -132,7 +172,6 @@ def cs_to_relion31(
     amp_contrast -> optics; alignments2D pose -> rlnAnglePsi (degrees, no sign change), shift (px)
     -> rlnOrigin[XY]Angst = shift * psize, class (0-based) -> rlnClassNumber (1-based).
     """
-    n = len(df)
     idx = df["blob/idx"].to_numpy(np.int64)
     p = pd.DataFrame(
         {"rlnImageName": [f"{i + 1:06d}@{s}" for i, s in zip(idx, blob_paths(df), strict=True)]}
@@ -146,33 +185,19 @@ def cs_to_relion31(
         p["rlnCoordinateY"] = _col(df, "location/center_y_frac") * _col(
             df, "location/micrograph_shape[0]"
         )
-    simple = {
-        "ctf/df1_A": ("rlnDefocusU", 1.0),
-        "ctf/df2_A": ("rlnDefocusV", 1.0),
-        "ctf/df_angle_rad": ("rlnDefocusAngle", 180 / np.pi),
-        "ctf/phase_shift_rad": ("rlnPhaseShift", 180 / np.pi),
-        "ctf/bfactor": ("rlnCtfBfactor", 1.0),
-        "ctf/scale": ("rlnCtfScalefactor", 1.0),
-    }
-    for field, (label, factor) in simple.items():
-        if field in df:
-            p[label] = _col(df, field) * factor
+    ctf_particle, ctf = ctf_as_relion(df)
+    for label in ctf_particle.columns:
+        p[label] = ctf_particle[label].to_numpy()
     if "alignments2D/pose" in df:
         psize = _col(df, "alignments2D/psize_A")
         psize = np.where(psize > 0, psize, apix) if psize is not None else np.asarray(apix)
-        p["rlnAnglePsi"] = np.degrees(_col(df, "alignments2D/pose"))
-        p["rlnOriginXAngst"] = _col(df, "alignments2D/shift[0]") * psize
-        p["rlnOriginYAngst"] = _col(df, "alignments2D/shift[1]") * psize
+        shift = np.stack([_col(df, "alignments2D/shift[0]"), _col(df, "alignments2D/shift[1]")], 1)
+        psi, origin = relion_from_cryosparc(_col(df, "alignments2D/pose"), shift, psize)
+        p["rlnAnglePsi"] = psi
+        p["rlnOriginXAngst"] = origin[:, 0]
+        p["rlnOriginYAngst"] = origin[:, 1]
     if "alignments2D/class" in df:
         p["rlnClassNumber"] = df["alignments2D/class"].to_numpy(np.int64) + 1
-    ctf = pd.DataFrame(index=range(n))
-    for field, label in [
-        ("ctf/accel_kv", "rlnVoltage"),
-        ("ctf/cs_mm", "rlnSphericalAberration"),
-        ("ctf/amp_contrast", "rlnAmplitudeContrast"),
-    ]:
-        if field in df:
-            ctf[label] = _col(df, field)
     key = df["ctf/exp_group_id"].to_numpy() if "ctf/exp_group_id" in df else None
     group, optics = build_optics(ctf, apix, box, key=key)
     p["rlnOpticsGroup"] = group

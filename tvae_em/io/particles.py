@@ -1,4 +1,10 @@
-"""ParticleStack: a lazy, picklable view of particles from a RELION star, a .cs or a stack."""
+"""ParticleStack: a lazy, picklable view of particles from a RELION star, a .cs or a stack.
+
+One subclass per input format (as cryoDRGN's ImageSource): `StarStack` (RELION 3.0 / 3.1+),
+`CsStack` (cryoSPARC) and `MrcsStack` (a bare stack). Everything that depends on the format --
+the RELION 3.1 view of the metadata, the CTF parameters, the cryoSPARC fields to write back --
+is a method here, so no caller ever branches on the input kind.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..ctf import CtfParams
 from ..errors import UserError
 from . import cs as csio
+from .ctf_columns import cryosparc_ctf_params, relion_ctf_params
 from .mrc import StackHeader, open_stack, read_header
 from .relion import origins_to_angstrom, pixel_size_from_relion30, relion30_to_31
 from .star import read_particles_star, write_star
@@ -87,54 +95,31 @@ class ParticleStack:
         if datadir is not None and not datadir.is_dir():
             raise UserError(f"--datadir {datadir} is not a folder")
         if suffix in STAR_SUFFIXES:
-            return cls._open_star(path, datadir, apix)
+            return StarStack.load(path, datadir, apix)
         if suffix in CS_SUFFIXES:
-            return cls._open_cs(path, datadir, apix)
-        return cls._open_bare(path, apix)
+            return CsStack.load(path, datadir, apix)
+        return MrcsStack.load(path, datadir, apix)
+
+    # ---- what each format provides -------------------------------------------------------
+    writes_cs = False  # whether outputs of this input include a cryoSPARC .cs with its fields
 
     @classmethod
-    def _open_star(cls, path: Path, datadir: Path | None, apix) -> ParticleStack:
-        particles, optics, kind = read_particles_star(path)
-        names = particles["rlnImageName"].astype(str)
-        index, stack_names = _split_image_names(names, path)
-        meta = (
-            _optics_pixel_size(particles, optics, path)
-            if optics is not None
-            else pixel_size_from_relion30(particles)
-        )
-        return cls._build(
-            path, kind, particles, optics, index, stack_names, [path.parent], datadir, meta, apix
-        )
+    def load(cls, path: Path, datadir: Path | None, apix: float | None) -> ParticleStack:
+        """Read the metadata of ``path`` (checked by `open`) into this format's stack."""
+        raise NotImplementedError
 
-    @classmethod
-    def _open_cs(cls, path: Path, datadir: Path | None, apix) -> ParticleStack:
-        arr = csio.read_cs(path)
-        df = csio.cs_to_dataframe(arr)
-        index = df["blob/idx"].to_numpy(np.int64)
-        meta = None
-        if "blob/psize_A" in df:
-            meta = df["blob/psize_A"].to_numpy(np.float64)
-            meta = np.where(np.isfinite(meta) & (meta > 0), meta, np.nan)
-        # cryoSPARC paths are relative to the project folder, usually the .cs file's grandparent.
-        bases = [path.parent, path.parent.parent]
-        stack = cls._build(
-            path, "cryosparc", df, None, index, csio.blob_paths(df), bases, datadir, meta, apix
-        )
-        stack.cs_dtype = arr.dtype
-        if not np.isnan(stack._apix).any():
-            rln, stack.optics = csio.cs_to_relion31(df, stack._apix, stack.box)
-            stack.particles = pd.concat([df, rln], axis=1)
-        return stack
+    def relion31_tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The RELION 3.1 (particles, optics) view of the metadata, at this stack's pixel sizes."""
+        raise NotImplementedError
 
-    @classmethod
-    def _open_bare(cls, path: Path, apix) -> ParticleStack:
-        header = read_header(path)
-        names = pd.Series([str(path)] * header.n)
-        particles = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@{path}" for i in range(header.n)]})
-        index = np.arange(header.n, dtype=np.int64)
-        return cls._build(
-            path, "mrcs", particles, None, index, names, [Path.cwd()], None, None, apix
-        )
+    def ctf_params(self) -> CtfParams | None:
+        """Per-particle CTF parameters, or None when the metadata has no defocus."""
+        return None
+
+    def cs_fields(self, rows: np.ndarray) -> tuple[pd.DataFrame, np.dtype | None]:
+        """cryoSPARC fields of particles ``rows`` (in that order) and the .cs field layout to write
+        them with: every field of a .cs input, else just uid (the row number) and no layout."""
+        return pd.DataFrame({"uid": np.asarray(rows, dtype=np.uint64)}), None
 
     @classmethod
     def _build(
@@ -249,6 +234,102 @@ class ParticleStack:
         return f"ParticleStack({self.kind}, {self.source}, n={len(self)}, box={self.box})"
 
 
+class StarStack(ParticleStack):
+    """Particles of a RELION star: 3.0 (kind "relion30", one block) or 3.1+ ("relion31", optics)."""
+
+    @classmethod
+    def load(cls, path: Path, datadir: Path | None, apix: float | None) -> StarStack:
+        particles, optics, kind = read_particles_star(path)
+        names = particles["rlnImageName"].astype(str)
+        index, stack_names = _split_image_names(names, path)
+        meta = (
+            _optics_pixel_size(particles, optics, path)
+            if optics is not None
+            else pixel_size_from_relion30(particles)
+        )
+        return cls._build(
+            path, kind, particles, optics, index, stack_names, [path.parent], datadir, meta, apix
+        )
+
+    def relion31_tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """As read for 3.1 (optics pixel size overridden by --input-apix); 3.0: optics groups
+        built from the per-particle values."""
+        apix = self.apix
+        if self.kind == "relion30":
+            return relion30_to_31(self.particles, apix, self.box)
+        particles = self.particles.copy()
+        if "rlnOpticsGroup" not in particles:
+            particles["rlnOpticsGroup"] = int(self.optics["rlnOpticsGroup"].iloc[0])
+        optics = self.optics.copy()
+        groups = particles["rlnOpticsGroup"].to_numpy()
+        per_group = pd.Series(apix).groupby(groups).first()
+        optics["rlnImagePixelSize"] = optics["rlnOpticsGroup"].map(per_group).to_numpy(np.float64)
+        if "rlnImageSize" not in optics:
+            optics["rlnImageSize"] = self.box
+        if "rlnImageDimensionality" not in optics:
+            optics["rlnImageDimensionality"] = 2
+        return origins_to_angstrom(particles, apix), optics
+
+    def ctf_params(self) -> CtfParams | None:
+        return relion_ctf_params(self.particles, self.optics, str(self.source))
+
+
+class CsStack(ParticleStack):
+    """Particles of a cryoSPARC .cs table (kind "cryosparc"); its RELION view follows pyem."""
+
+    writes_cs = True
+
+    @classmethod
+    def load(cls, path: Path, datadir: Path | None, apix: float | None) -> CsStack:
+        arr = csio.read_cs(path)
+        df = csio.cs_to_dataframe(arr)
+        index = df["blob/idx"].to_numpy(np.int64)
+        meta = None
+        if "blob/psize_A" in df:
+            meta = df["blob/psize_A"].to_numpy(np.float64)
+            meta = np.where(np.isfinite(meta) & (meta > 0), meta, np.nan)
+        # cryoSPARC paths are relative to the project folder, usually the .cs file's grandparent.
+        bases = [path.parent, path.parent.parent]
+        stack = cls._build(
+            path, "cryosparc", df, None, index, csio.blob_paths(df), bases, datadir, meta, apix
+        )
+        stack.cs_dtype = arr.dtype
+        if not np.isnan(stack._apix).any():
+            rln, stack.optics = csio.cs_to_relion31(df, stack._apix, stack.box)
+            stack.particles = pd.concat([df, rln], axis=1)
+        return stack
+
+    def relion31_tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """pyem's csparc2star conversion; non-RELION cryoSPARC fields are left out."""
+        _ = self.apix  # a UserError when pixel sizes are unknown
+        particles = self.particles[[c for c in self.particles.columns if _is_star_label(c)]]
+        return particles.drop(columns=["uid"], errors="ignore").copy(), self.optics.copy()
+
+    def ctf_params(self) -> CtfParams | None:
+        return cryosparc_ctf_params(self.particles, str(self.source))
+
+    def cs_fields(self, rows: np.ndarray) -> tuple[pd.DataFrame, np.dtype | None]:
+        columns = [c for c in self.particles.columns if "/" in c or c == "uid"]
+        return self.particles[columns].iloc[rows].reset_index(drop=True).copy(), self.cs_dtype
+
+
+class MrcsStack(ParticleStack):
+    """The images of a bare .mrcs/.mrc stack (kind "mrcs"): no metadata beyond the pixel size."""
+
+    @classmethod
+    def load(cls, path: Path, datadir: Path | None, apix: float | None) -> MrcsStack:
+        header = read_header(path)
+        names = pd.Series([str(path)] * header.n)
+        particles = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@{path}" for i in range(header.n)]})
+        index = np.arange(header.n, dtype=np.int64)
+        return cls._build(
+            path, "mrcs", particles, None, index, names, [Path.cwd()], None, None, apix
+        )
+
+    def relion31_tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        return relion30_to_31(self.particles, self.apix, self.box)
+
+
 # ---- helpers ---------------------------------------------------------------------------------
 def _split_image_names(names: pd.Series, path: Path) -> tuple[np.ndarray, pd.Series]:
     """rlnImageName "N@stack" -> (0-based image index, stack name); a bare name means image 1."""
@@ -359,33 +440,6 @@ def _settle_apix(meta, override, codes, headers, n) -> tuple[np.ndarray, str]:
 
 
 # ---- RELION 3.1 output -----------------------------------------------------------------------
-def relion31_tables(stack: ParticleStack) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The RELION 3.1 (particles, optics) view of any input, with the stack's pixel sizes.
-
-    RELION 3.1 input: as read (optics pixel size overridden if --input-apix was given);
-    RELION 3.0 and bare stacks: optics groups built from per-particle values; cryoSPARC: pyem's
-    csparc2star conversion. Non-RELION cryoSPARC fields are left out of the star.
-    """
-    apix = stack.apix
-    if stack.kind == "cryosparc":
-        particles = stack.particles[[c for c in stack.particles.columns if _is_star_label(c)]]
-        return particles.drop(columns=["uid"], errors="ignore").copy(), stack.optics.copy()
-    if stack.kind == "relion31":
-        particles = stack.particles.copy()
-        if "rlnOpticsGroup" not in particles:
-            particles["rlnOpticsGroup"] = int(stack.optics["rlnOpticsGroup"].iloc[0])
-        optics = stack.optics.copy()
-        groups = particles["rlnOpticsGroup"].to_numpy()
-        per_group = pd.Series(apix).groupby(groups).first()
-        optics["rlnImagePixelSize"] = optics["rlnOpticsGroup"].map(per_group).to_numpy(np.float64)
-        if "rlnImageSize" not in optics:
-            optics["rlnImageSize"] = stack.box
-        if "rlnImageDimensionality" not in optics:
-            optics["rlnImageDimensionality"] = 2
-        return origins_to_angstrom(particles, apix), optics
-    return relion30_to_31(stack.particles, apix, stack.box)
-
-
 def _is_star_label(name: str) -> bool:
     return "/" not in name and "[" not in name
 

@@ -19,9 +19,9 @@ from e2cnn import nn as enn
 from torch import nn
 
 from .config import ModelConfig
+from .layout import HeadLayout
 
 LEAKY_SLOPE = 0.01
-HEAD_FIELDS_FIXED = 3  # attention logit, rotation offset mean, rotation offset log-sd
 
 
 def _fast_len(n: int) -> int:
@@ -147,17 +147,17 @@ class Regular1x1(nn.Module):
 
 
 class EquivariantEncoder(nn.Module):
-    """Image (B, D, D) -> per-cell maps (B, 3 + 2 * z_dim, N, D, D).
+    """Image (B, D, D) -> per-cell maps (B, F, N, D, D), fields laid out as `HeadLayout` says.
 
-    Output fields: 0 attention logit, 1 rotation offset mean (rad), 2 its log-sd,
-    3 .. 3+z_dim z means, then z log-sds. Axis 2 is the rotation bin r (angle 2*pi*r/N).
+    Axis 2 is the rotation bin r (angle 2*pi*r/N).
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         n = cfg.rotations
         self.rotations = n
-        self.out_fields = HEAD_FIELDS_FIXED + 2 * cfg.z_dim
+        self.layout = HeadLayout(cfg.z_dim)
+        self.out_fields = self.layout.n_fields
         gs = gspaces.Rot2dOnR2(n)
         self.lift = FFTLiftingConv(gs, cfg.encoder_fields, cfg.encoder_kernel)
         width, hidden = cfg.encoder_fields, []
@@ -168,11 +168,11 @@ class EquivariantEncoder(nn.Module):
         self.head = Regular1x1(gs, width, self.out_fields)
         with torch.no_grad():
             # start with a rotation sd equal to the prior's (pi/N) and z sd of 1
-            self.head.conv.bias[2] = math.log(math.pi / n)
+            self.head.conv.bias[self.layout.theta_logsd] = math.log(math.pi / n)
         # e2cnn's generator rotates the other way in (row, col) arrays: bin r <- e2cnn bin -r
         self.register_buffer("bin_order", (-torch.arange(n)) % n, persistent=False)
         gain = torch.ones(self.out_fields, 1)
-        gain[0] = cfg.attention_gain
+        gain[self.layout.attention] = cfg.attention_gain
         self.register_buffer("field_gain", gain, persistent=False)  # (F, 1)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..geometry import pixel_grid, wrap_angle
+from .layout import HeadLayout
 
 LOGSD_MIN, LOGSD_MAX = -10.0, 5.0  # log-sd range: keeps every per-cell KL finite
 
@@ -60,17 +61,17 @@ class CellPosterior:
 def posterior_from_maps(maps: torch.Tensor, log_pr: torch.Tensor) -> CellPosterior:
     """Build q from encoder maps (B, 3 + 2Z, N, D, D) (float32) and log p(r) (N,)."""
     b, f, n = maps.shape[:3]
-    z_dim = (f - 3) // 2
+    lay = HeadLayout.from_fields(f)
     maps = maps.float()
-    logits = (maps[:, 0] + log_pr[None, :, None, None]).reshape(b, -1)  # (B, M)
+    logits = (maps[:, lay.attention] + log_pr[None, :, None, None]).reshape(b, -1)  # (B, M)
     flat = maps.reshape(b, f, -1)  # (B, F, M)
     return CellPosterior(
         logits=logits,
         log_q=F.log_softmax(logits, dim=1),
-        theta_mu=flat[:, 1],
-        theta_logsd=flat[:, 2].clamp(LOGSD_MIN, LOGSD_MAX),
-        z_mu=flat[:, 3 : 3 + z_dim],
-        z_logsd=flat[:, 3 + z_dim :].clamp(LOGSD_MIN, LOGSD_MAX),
+        theta_mu=flat[:, lay.theta_mu],
+        theta_logsd=flat[:, lay.theta_logsd].clamp(LOGSD_MIN, LOGSD_MAX),
+        z_mu=flat[:, lay.z_mu],
+        z_logsd=flat[:, lay.z_logsd].clamp(LOGSD_MIN, LOGSD_MAX),
     )
 
 

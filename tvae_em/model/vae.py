@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..geometry import pixel_grid, rotation_matrix
+from ..fourier import apply_ctf
+from ..geometry import pixel_grid, undo_pose
 from .config import ModelConfig
 from .encoder import EquivariantEncoder
 from .generator import SpatialGenerator
@@ -28,22 +29,15 @@ from .posterior import (
 )
 
 
-def apply_ctf(img: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
-    """Multiply (B, D, D) images by a CTF (B, D, D) on the unshifted fft2 grid (float32)."""
-    with torch.autocast(img.device.type, enabled=False):
-        return torch.fft.ifft2(torch.fft.fft2(img.float()) * ctf.float()).real
-
-
 def full_precision(device: torch.device):
     """Context that turns autocast off: pose, posterior and KL maths stay in float32."""
     return torch.autocast(device.type, enabled=False)
 
 
 def pose_coordinates(p: torch.Tensor, theta: torch.Tensor, t: torch.Tensor, size: int):
-    """Generator input R(-theta)(p - t) / (size/2) for pixels p (B, P, 2) px -> (B, P, 2)."""
+    """Generator input `geometry.undo_pose` / (size/2) (box units) for pixels p (B, P, 2)."""
     with full_precision(p.device):
-        rinv = rotation_matrix(-theta.float())  # (B, 2, 2)
-        return torch.einsum("bij,bpj->bpi", rinv, p.float() - t.float()[:, None, :]) / (size / 2)
+        return undo_pose(p.float(), theta.float(), t.float()) / (size / 2)
 
 
 class TargetVAE(nn.Module):

@@ -1,0 +1,75 @@
+"""Classes from latent vectors: k-means (k-means++ seeding, restarts) and class numbering.
+
+Production code (embed, generate) and the validation metrics use the same k-means.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def kmeans(
+    x: np.ndarray, k: int, n_init: int = 20, seed: int = 0, max_iter: int = 300
+) -> np.ndarray:
+    """Cluster labels (n,) of the best of n_init k-means runs (k-means++ seeding, Lloyd updates).
+
+    "Best" is the lowest within-cluster sum of squares, as the paper's protocol (many restarts).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[:, None]
+    if not 1 <= k <= len(x):
+        raise ValueError(f"k must be in [1, {len(x)}], got {k}")
+    rng = np.random.default_rng(seed)
+    best_labels, best_inertia = None, np.inf
+    for _ in range(n_init):
+        labels, inertia = _lloyd(x, _kmeans_pp(x, k, rng), max_iter)
+        if inertia < best_inertia:
+            best_labels, best_inertia = labels, inertia
+    return best_labels
+
+
+def _sq_dist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """(n, k) squared Euclidean distances between rows of x (n, d) and c (k, d)."""
+    d = (x**2).sum(1)[:, None] - 2.0 * x @ c.T + (c**2).sum(1)[None, :]
+    return np.maximum(d, 0.0)
+
+
+def _kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding: each new centre drawn with probability proportional to D(x)^2."""
+    centres = [x[rng.integers(len(x))]]
+    d2 = _sq_dist(x, centres[0][None])[:, 0]  # (n,)
+    for _ in range(1, k):
+        total = d2.sum()
+        i = rng.choice(len(x), p=d2 / total) if total > 0 else rng.integers(len(x))
+        centres.append(x[i])
+        d2 = np.minimum(d2, _sq_dist(x, x[i][None])[:, 0])
+    return np.stack(centres)
+
+
+def _lloyd(x: np.ndarray, centres: np.ndarray, max_iter: int) -> tuple[np.ndarray, float]:
+    """Lloyd iterations from the given centres (k, d); returns labels (n,) and the inertia."""
+    labels = None
+    for _ in range(max_iter):
+        d = _sq_dist(x, centres)
+        new = d.argmin(1)
+        if labels is not None and np.array_equal(new, labels):
+            break
+        labels = new
+        for j in range(len(centres)):
+            members = x[labels == j]
+            if len(members):  # an emptied cluster keeps its old centre
+                centres[j] = members.mean(0)
+    d = _sq_dist(x, centres)
+    labels = d.argmin(1)
+    return labels, float(d[np.arange(len(x)), labels].sum())
+
+
+def assign_classes(z: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """1-based k-means classes (n,) in z space, numbered by decreasing size (class 1 largest)."""
+    labels = kmeans(z, k, n_init=10, seed=seed)  # (n,) 0-based
+    sizes = np.bincount(labels, minlength=k)
+    order = np.argsort(-sizes, kind="stable")  # old label of new class 1, 2, ...
+    new_of_old = np.empty(k, np.int64)
+    new_of_old[order] = np.arange(1, k + 1)
+    return new_of_old[labels]

@@ -1,0 +1,85 @@
+"""`tvae-em embed`: per-particle pose, shift, latent z, confidence and ELBO -> RELION/cryoSPARC.
+
+    tvae-em embed run/ prep/particles.star -o embedded.star --classes 10
+    tvae-em embed run/ prep/particles.star -o embedded.star \\
+        --original Extract/job012/particles.star --cs embedded.cs
+    tvae-em embed run/ prep/particles.star -o quick.star --no-elbo --checkpoint best
+"""
+
+from __future__ import annotations
+
+import click
+
+from .options import (
+    batch_size_option,
+    checkpoint_option,
+    datadir_option,
+    device_option,
+    input_apix_option,
+    num_workers_option,
+    out_option,
+    seed_option,
+)
+
+
+@click.command()
+@click.argument("run_dir", metavar="RUN", type=click.Path())
+@click.argument("input", metavar="INPUT", type=click.Path(dir_okay=False))
+@out_option(
+    "Output RELION 3.1 star (.star); OUT.npz is written next to it.", file=True, dest="out_star"
+)
+@click.option("--classes", type=int, help="k-means classes in z space -> rlnClassNumber (1-based).")
+@click.option(
+    "--original",
+    type=click.Path(dir_okay=False),
+    help="Full-size star/cs that INPUT was preprocessed from (same particles, same "
+    "order): also write its rows with these poses, origins at its pixel size.",
+)
+@click.option(
+    "--original-out",
+    type=click.Path(dir_okay=False),
+    help="Star for --original. [default: OUT_original.star]",
+)
+@click.option(
+    "--cs",
+    "cs_out",
+    type=click.Path(dir_okay=False),
+    help="Also write a cryoSPARC .cs (of --original when given, else of INPUT).",
+)
+@click.option(
+    "--npz",
+    "npz_out",
+    type=click.Path(dir_okay=False),
+    help="Arrays for scripting. [default: OUT with .npz]",
+)
+@batch_size_option()
+@device_option()
+@num_workers_option()
+@click.option(
+    "--elbo/--no-elbo",
+    "with_elbo",
+    default=True,
+    show_default=True,
+    help="Per-particle ELBO (renders every particle: about half the time).",
+)
+@checkpoint_option()
+@datadir_option()
+@input_apix_option("Pixel size in A of INPUT (overrides the files).")
+@seed_option("Seed of k-means and of the ELBO's sample.")
+def embed(**kw) -> None:
+    """Per-particle in-plane angle, shift, latent z, confidence and ELBO -> RELION/cryoSPARC.
+
+    RUN is a training run folder; INPUT the particles (.star, .cs, .mrcs) at the model's box
+    size. The star keeps every input column and optics group; rlnAnglePsi, rlnOriginX/YAngst
+    (and rlnClassNumber with --classes) are replaced. See docs/outputs.md.
+
+    \b
+    Example:
+      tvae-em embed run/ prep/particles.star -o embedded.star --classes 10
+      tvae-em embed run/ prep/particles.star -o embedded.star \\
+          --original Extract/job012/particles.star --cs embedded.cs
+    """
+    from ..embed import EmbedOptions, embed_particles
+    from ..progress import progress_bar
+
+    click.echo(embed_particles(EmbedOptions(**kw), progress=progress_bar).line())

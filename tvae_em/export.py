@@ -1,0 +1,245 @@
+"""Embedding results to files: RELION 3.1 stars (input rows kept, image paths rebased), the
+full-size star of `--original` (rows matched), cryoSPARC .cs tables, the npz; all written under
+temporary names and renamed together.
+
+Pose export follows `tvae_em.geometry`: rlnAnglePsi = -degrees(theta) wrapped to (-180, 180],
+rlnOriginX/YAngst = -t * pixel size; alignments2D carry the same alignment (pose rad, shift px).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import UserError
+from .geometry import cryosparc_pose
+from .inference import Embedding
+from .io import (
+    ParticleStack,
+    atomic_paths,
+    dataframe_to_cs,
+    ensure_writable_dir,
+    write_cs,
+    write_star,
+)
+
+Z_PREFIX = "tvaeZ"
+Z_SD_PREFIX = "tvaeZsd"
+CONFIDENCE = "tvaePoseConfidence"
+ELBO = "tvaeElbo"
+POSE_COLUMNS = ["rlnAnglePsi", "rlnOriginX", "rlnOriginY", "rlnOriginXAngst", "rlnOriginYAngst"]
+CS_ALIGN = "alignments2D/"
+
+
+def embedding_columns(emb: Embedding) -> pd.DataFrame:
+    """The columns embed adds to a particle table (one row per particle)."""
+    psi, origin = emb.relion_pose()
+    labels = emb.labels
+    cols: dict[str, np.ndarray] = {
+        "rlnAnglePsi": psi,
+        "rlnOriginXAngst": origin[:, 0],
+        "rlnOriginYAngst": origin[:, 1],
+    }
+    if labels is not None:
+        cols["rlnClassNumber"] = labels.astype(np.int64)
+    for j in range(emb.z_mu.shape[1]):
+        cols[f"{Z_PREFIX}{j + 1}"] = emb.z_mu[:, j].astype(np.float64)
+    for j in range(emb.z_sd.shape[1]):
+        cols[f"{Z_SD_PREFIX}{j + 1}"] = emb.z_sd[:, j].astype(np.float64)
+    cols[CONFIDENCE] = emb.confidence.astype(np.float64)
+    if not np.isnan(emb.elbo).all():  # not computed (--no-elbo): no column
+        cols[ELBO] = emb.elbo.astype(np.float64)
+    return pd.DataFrame(cols)
+
+
+def replace_columns(particles: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """Input particles with pose (and class, when new has one) and old tvae columns replaced."""
+    drop = [c for c in particles.columns if c in POSE_COLUMNS or c in new.columns]
+    drop += [c for c in particles.columns if c.startswith("tvae")]
+    kept = particles.drop(columns=sorted(set(drop))).reset_index(drop=True)
+    return pd.concat([kept, new.reset_index(drop=True)], axis=1)
+
+
+@dataclass
+class OutputPlan:
+    """Final paths of every file embed writes (None: not written)."""
+
+    star: Path
+    npz: Path
+    original_star: Path | None
+    cs: Path | None
+
+    def paths(self) -> list[Path]:
+        return [p for p in (self.star, self.npz, self.original_star, self.cs) if p is not None]
+
+
+def plan_outputs(
+    out_star: str | os.PathLike,
+    npz_out: str | os.PathLike | None,
+    cs_out: str | os.PathLike | None,
+    original_out: str | os.PathLike | None,
+    with_original: bool,
+    inputs: list[str | os.PathLike],
+) -> OutputPlan:
+    """Output paths checked before any work: suffixes, distinct, not an input, folders writable."""
+    star = Path(out_star)
+    plan = OutputPlan(
+        star=star,
+        npz=Path(npz_out) if npz_out else star.with_suffix(".npz"),
+        original_star=(
+            (Path(original_out) if original_out else star.with_name(f"{star.stem}_original.star"))
+            if with_original
+            else None
+        ),
+        cs=Path(cs_out) if cs_out else None,
+    )
+    named = [("-o", plan.star, ".star"), ("--npz", plan.npz, ".npz"), ("--cs", plan.cs, ".cs")]
+    named.append(("--original-out", plan.original_star, ".star"))
+    seen = {os.path.abspath(p) for p in inputs if p is not None}
+    for option, path, suffix in named:
+        if path is None:
+            continue
+        if path.suffix.lower() != suffix:
+            raise UserError(f"{option} {path}: the file name must end in {suffix}")
+        if os.path.abspath(path) in seen:
+            raise UserError(f"{option} {path}: would overwrite an input or another output")
+        if path.is_dir():
+            raise UserError(f"{option} {path}: is a folder, expected a file name")
+        seen.add(os.path.abspath(path))
+        try:
+            ensure_writable_dir(path.parent if str(path.parent) else Path("."))
+        except UserError as e:
+            raise UserError(f"{option} {path}: {e}") from None
+    return plan
+
+
+def open_original(path: str, datadir, stack) -> tuple[object, np.ndarray]:
+    """The full-size ParticleStack and, for each particle of `stack`, its row there (n,)."""
+    orig = ParticleStack.open(path, datadir=datadir)
+    return orig, match_rows(orig.particles, stack.particles, path, str(stack.source))
+
+
+MATCH_KEYS = (("uid",), ("rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY"))
+
+
+def match_rows(
+    orig: pd.DataFrame, prep: pd.DataFrame, orig_name: str, prep_name: str
+) -> np.ndarray:
+    """Row of `orig` for each row of `prep` (n,): same order when the counts agree, else matched
+    on uid or on micrograph + coordinates (particles dropped by preprocess --skip-bad)."""
+    keys = next((k for k in MATCH_KEYS if set(k) <= set(orig) and set(k) <= set(prep)), None)
+    a = _key_strings(orig, keys) if keys else None
+    b = _key_strings(prep, keys) if keys else None
+    if len(orig) == len(prep) and (keys is None or (a == b).all()):
+        return np.arange(len(prep))
+    if keys is None or a.duplicated().any():
+        raise UserError(
+            f"--original {orig_name}: cannot match its {len(orig)} particles to the {len(prep)} of "
+            f"{prep_name} (give the star {prep_name} was preprocessed from)"
+        )
+    lookup = pd.Series(np.arange(len(orig)), index=a.to_numpy())
+    rows = lookup.reindex(b.to_numpy())
+    if rows.isna().any():
+        i = int(np.argmax(rows.isna().to_numpy()))
+        raise UserError(
+            f"--original {orig_name}: particle {i + 1} of {prep_name} is not in it "
+            f"(no row with the same {', '.join(keys)})"
+        )
+    return rows.to_numpy(np.int64)
+
+
+def _key_strings(df: pd.DataFrame, keys: tuple[str, ...]) -> pd.Series:
+    """One string per row identifying the particle (coordinates rounded to 0.01 px)."""
+    parts = []
+    for k in keys:
+        col = df[k]
+        if k.startswith("rlnCoordinate"):
+            col = pd.to_numeric(col, errors="coerce").round(2)
+        parts.append(col.astype(str).reset_index(drop=True))
+    out = parts[0]
+    for p in parts[1:]:
+        out = out + "|" + p
+    return out
+
+
+def particle_star_tables(
+    stack, new: pd.DataFrame, out_star: Path, rows: np.ndarray | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """RELION 3.1 (particles, optics) of `stack` (its `rows`, in that order) with the embed
+    columns in place and image names valid from the folder of `out_star`."""
+    rows = np.arange(len(stack)) if rows is None else rows
+    particles, optics = stack.relion31_tables()
+    particles = particles.iloc[rows].reset_index(drop=True)
+    names = rebase_image_names(particles["rlnImageName"], stack, rows, out_star.parent)
+    particles["rlnImageName"] = names
+    return replace_columns(particles, new), optics
+
+
+def rebase_image_names(names: pd.Series, stack, rows: np.ndarray, out_dir: Path) -> pd.Series:
+    """rlnImageName whose stack part still finds the stack file from a star written in out_dir.
+
+    A name that resolves to the same file from out_dir or from the working directory (RELION's
+    project folder) is kept verbatim; others get the stack's path relative to out_dir.
+    """
+    names = names.astype(str)
+    parts = names.str.split("@", n=1, expand=True)
+    if parts.shape[1] == 1:
+        parts[1] = None
+    has_at = parts[1].notna()
+    old = parts[1].where(has_at, parts[0])
+    files = np.asarray(stack.files, dtype=object)
+    target = files[stack.file_index[rows]]  # (n,) resolved stack of each particle
+    fixed = {}
+    for name, path in set(zip(old, target, strict=True)):
+        fixed[name, path] = _stack_reference(name, path, out_dir)
+    new = pd.Series([fixed[k] for k in zip(old, target, strict=True)], index=names.index)
+    return (parts[0] + "@" + new).where(has_at, new)
+
+
+def _stack_reference(name: str, path: str, out_dir: Path) -> str:
+    """`name` if it leads to `path` from out_dir or the working directory, else a relative path."""
+    for base in (out_dir, Path.cwd()):
+        candidate = Path(name) if Path(name).is_absolute() else base / name
+        if candidate.is_file() and os.path.samefile(candidate, path):
+            return name
+    return os.path.relpath(path, out_dir.resolve())
+
+
+def cs_table(stack: ParticleStack, emb: Embedding, rows: np.ndarray) -> np.ndarray:
+    """cryoSPARC structured array of `stack`'s `rows`: uid (+ every field of a .cs input) and
+    alignments2D/* with shifts in pixels of that stack."""
+    psize = stack.apix[rows]
+    psi, origin = emb.relion_pose()
+    pose, shift = cryosparc_pose(psi, origin, psize)
+    labels = emb.labels
+    df, template = stack.cs_fields(rows)
+    df = df[[c for c in df.columns if not c.startswith(CS_ALIGN)]].copy()
+    if template is not None:
+        template = np.dtype([d for d in template.descr if d[0] and not d[0].startswith(CS_ALIGN)])
+    df[f"{CS_ALIGN}pose"] = pose.astype(np.float32)
+    df[f"{CS_ALIGN}shift[0]"] = shift[:, 0].astype(np.float32)
+    df[f"{CS_ALIGN}shift[1]"] = shift[:, 1].astype(np.float32)
+    df[f"{CS_ALIGN}psize_A"] = np.asarray(psize, dtype=np.float32)
+    if labels is not None:
+        df[f"{CS_ALIGN}class"] = (labels - 1).astype(np.uint32)
+    return dataframe_to_cs(df, template)
+
+
+def write_outputs(plan: OutputPlan, tables: dict[str, object]) -> None:
+    """Write every planned file under temporary names, then rename them all (none on failure)."""
+    paths = plan.paths()
+    with atomic_paths(paths) as tmps:
+        tmp = dict(zip(map(str, paths), tmps, strict=True))
+        particles, optics = tables["star"]
+        write_star(tmp[str(plan.star)], {"optics": optics, "particles": particles})
+        with open(tmp[str(plan.npz)], "wb") as f:
+            tables["npz"].save_npz(f)
+        if plan.original_star is not None:
+            particles, optics = tables["original_star"]
+            write_star(tmp[str(plan.original_star)], {"optics": optics, "particles": particles})
+        if plan.cs is not None:
+            write_cs(tmp[str(plan.cs)], tables["cs"])

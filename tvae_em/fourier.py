@@ -1,0 +1,134 @@
+"""Fourier-space image operations: the one home of every FFT convention in tvae-em.
+
+Conventions:
+- Filters (CTFs, phase flips) are (B, D, D) arrays on the *unshifted* ``fft2`` grid
+  (``torch.fft.fftfreq`` order, frequency 0 at index 0), as `tvae_em.ctf.compute_ctf` returns them.
+- Resampling (crop/pad) works on the *centred* transform: the centre pixel D//2 of the input lands
+  on pixel n//2 of the output, so RELION origins stay valid. Real-space values are kept (a
+  constant image stays the same constant; a band-limited image is reproduced exactly).
+- Low-pass resolutions are in Angstrom, pixel sizes in Angstrom per pixel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.fft as sfft
+import torch
+
+
+# ---- filters on the fft2 grid ------------------------------------------------------------------
+def apply_ctf(images: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
+    """Real images (B, D, D) multiplied by filters (B, D, D) in Fourier space (real result).
+
+    Computed in float32 (float64 inputs stay float64) whatever autocast says: FFTs in bf16 lose
+    the precision the likelihood needs.
+    """
+    with torch.autocast(images.device.type, enabled=False):
+        x = images if images.dtype == torch.float64 else images.float()
+        f = ctf if ctf.dtype == torch.float64 else ctf.float()
+        return torch.fft.ifft2(torch.fft.fft2(x) * f).real
+
+
+def phase_flip(images: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
+    """Images (B, D, D) with each Fourier coefficient multiplied by the sign of its CTF (B, D, D).
+
+    Undoes the CTF's contrast reversals (not its amplitude), as RELION's "ctf phase flip"; the
+    encoder then sees particles of one contrast at every frequency.
+    """
+    return apply_ctf(images, torch.sign(ctf))
+
+
+# ---- resampling ------------------------------------------------------------------------------
+def fourier_crop(images: np.ndarray, size: int) -> np.ndarray:
+    """Downsample (B, D, D) images to (B, size, size) by cropping their centred Fourier transform.
+
+    Real-space values are kept (the spectrum is scaled by (size/D)^2). For an even ``size`` the
+    new Nyquist row/column receives both the -size/2 and the +size/2 coefficients (their sum is
+    what a sampled cosine at that frequency shows), so band-limited images are reproduced exactly.
+    """
+    d = images.shape[-1]
+    if size > d:
+        raise ValueError(f"fourier_crop cannot enlarge {d} to {size}")
+    if size == d:
+        return np.array(images, dtype=np.float32, copy=True)
+    spec = sfft.rfft2(images, workers=-1)  # (B, D, D//2+1), phase origin at pixel 0
+    kr = np.rint(sfft.fftfreq(size) * size).astype(np.int64)  # (n,) output row frequencies
+    kc = np.arange(size // 2 + 1)  # (n//2+1,) output column frequencies
+    out = spec[:, (kr % d)[:, None], kc[None, :]]  # (B, n, n//2+1)
+    h = size // 2
+    extra = spec[:, h, : h + 1] if size % 2 == 0 else None  # row +n/2, folded into row -n/2
+    # Phase origin: input centre D//2 -> output centre n//2 (a no-op when both sizes are even).
+    shift = (d // 2) / d - h / size
+    if shift:
+        pr, pc = np.exp(2j * np.pi * kr * shift), np.exp(2j * np.pi * kc * shift)
+        out *= (pr[:, None] * pc[None, :]).astype(out.dtype)
+        if extra is not None:
+            extra = extra * (np.exp(2j * np.pi * h * shift) * pc).astype(out.dtype)
+    if extra is not None:
+        out[:, h, :] += extra
+        col = out[:, :, h]  # column -n/2 is the conjugate mirror of column +n/2
+        out[:, :, h] = col + np.conj(col[:, (-np.arange(size)) % size])
+    y = sfft.irfft2(out, s=(size, size), workers=-1)
+    return (y * (size / d) ** 2).astype(np.float32)
+
+
+def fourier_pad(images: np.ndarray, size: int) -> np.ndarray:
+    """Upsample (B, D, D) images to (B, size, size) by zero-padding their centred transform.
+
+    The inverse of `fourier_crop` on band-limited images: pixel values are kept, the centre pixel
+    D//2 lands on size//2, and the Nyquist coefficient of an even D is split equally between the
+    frequencies +D/2 and -D/2 of the larger grid (so the result stays real and symmetric).
+    """
+    d = images.shape[-1]
+    if size < d:
+        raise ValueError(f"fourier_pad cannot shrink {d} to {size}")
+    if size == d:
+        return np.array(images, dtype=np.float32, copy=True)
+    spec = np.fft.fft2(np.asarray(images, dtype=np.float64))  # (B, D, D), origin at pixel 0
+    k = np.rint(np.fft.fftfreq(d) * d).astype(np.int64)  # (D,) input frequencies
+    ramp = np.exp(2j * np.pi * k * (d // 2) / d)  # phase origin -> pixel D//2 (same at +-D/2)
+    spec = spec * (ramp[:, None] * ramp[None, :])
+    place = np.zeros((size, d))  # (size, D): input frequency -> output frequency, with weights
+    place[k % size, np.arange(d)] = 1.0
+    if d % 2 == 0:  # the Nyquist coefficient (k = -D/2) is split between -D/2 and +D/2
+        place[(-d // 2) % size, d // 2] = 0.5
+        place[d // 2, d // 2] = 0.5
+    out = place @ spec @ place.T  # (B, size, size), phase origin at the centre pixel
+    kout = np.rint(np.fft.fftfreq(size) * size)
+    ramp = np.exp(-2j * np.pi * kout * (size // 2) / size)  # phase origin back to pixel 0
+    out = out * (ramp[:, None] * ramp[None, :])
+    y = np.fft.ifft2(out).real * (size / d) ** 2
+    return y.astype(np.float32)
+
+
+def fourier_resize(images: np.ndarray, size: int) -> np.ndarray:
+    """Images (B, D, D) resampled to (B, size, size): `fourier_crop` or `fourier_pad`."""
+    if size <= images.shape[-1]:
+        return fourier_crop(images, size)
+    return fourier_pad(images, size)
+
+
+# ---- low-pass --------------------------------------------------------------------------------
+def lowpass(
+    images: np.ndarray, apix: float | np.ndarray, resolution_A: float, kind: str = "gaussian"
+) -> np.ndarray:
+    """Low-pass filter (B, D, D) images to ``resolution_A`` Angstrom.
+
+    "gaussian": response exp(-ln2 (s * res)^2), one half at spatial frequency s = 1/res;
+    "hard": keep frequencies up to 1/res only. ``apix`` is a scalar or one value per image.
+    """
+    if kind not in ("gaussian", "hard"):
+        raise ValueError(f"unknown low-pass kind {kind!r}")
+    d = images.shape[-1]
+    radius = np.hypot(sfft.fftfreq(d)[:, None], sfft.rfftfreq(d)[None, :])  # (D, D//2+1) cycles/px
+    apix = np.asarray(apix, dtype=np.float64).reshape(-1, 1, 1)  # (B or 1, 1, 1)
+    s = radius[None] / apix  # (B or 1, D, D//2+1) in 1/Angstrom
+    if kind == "gaussian":
+        response = np.exp(-math.log(2.0) * (s * resolution_A) ** 2)
+    else:
+        response = (s <= 1.0 / resolution_A).astype(np.float64)
+    spec = sfft.rfft2(images, workers=-1) * response.astype(np.float32)
+    out = sfft.irfft2(spec, s=(d, d), workers=-1)
+    return out.astype(np.float32)

@@ -1,0 +1,164 @@
+"""Batched inference: per-particle pose and latent from a trained model, and their npz form.
+
+Inference runs without gradients on the exported (plain torch) model, with bf16 autocast on CUDA;
+images are streamed batch by batch, normalised as in training, and results go into preallocated
+arrays, so memory does not grow with the stack beyond one row of numbers per particle.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+
+from .errors import UserError
+from .geometry import relion_pose
+from .progress import Advance
+
+NPZ_KEYS = ("z_mu", "theta_rad", "t_px", "psi_deg", "origin_A", "class", "apix")
+
+
+@dataclass
+class Embedding:
+    """The model's per-particle results, rows in input order, in the model stack's pixels."""
+
+    z_mu: np.ndarray  # (n, Z) latent mean at the winning cell
+    z_sd: np.ndarray  # (n, Z) latent sd at the winning cell
+    theta: np.ndarray  # (n,) radians, our convention (particle = T(t) R(theta) template)
+    t: np.ndarray  # (n, 2) pixels (x, y) of the stack the model read
+    confidence: np.ndarray  # (n,) posterior probability of the winning cell
+    elbo: np.ndarray  # (n,) one-sample ELBO estimate (nats); NaN when not computed
+    labels: np.ndarray | None = None  # (n,) 1-based classes; None when not clustered
+    apix: np.ndarray | None = None  # (n,) pixel size (A) of the stack the model read
+    box: int | None = None  # image side of that stack
+
+    @classmethod
+    def empty(cls, n: int, z_dim: int) -> Embedding:
+        """Preallocated arrays for n particles (ELBO NaN until filled)."""
+        f = np.float32
+        return cls(
+            z_mu=np.zeros((n, z_dim), f),
+            z_sd=np.zeros((n, z_dim), f),
+            theta=np.zeros(n, np.float64),
+            t=np.zeros((n, 2), np.float64),
+            confidence=np.zeros(n, f),
+            elbo=np.full(n, np.nan, f),
+        )
+
+    def __len__(self) -> int:
+        return len(self.theta)
+
+    def store(self, idx: np.ndarray, out: dict[str, torch.Tensor]) -> None:
+        """Copy one batch of `TargetVAE.embed` outputs into rows `idx`."""
+        self.z_mu[idx] = out["z_mu"].float().cpu().numpy()
+        self.z_sd[idx] = out["z_sd"].float().cpu().numpy()
+        self.theta[idx] = out["theta"].double().cpu().numpy()
+        self.t[idx] = out["t"].double().cpu().numpy()
+        self.confidence[idx] = out["confidence"].float().cpu().numpy()
+        if "elbo" in out:
+            self.elbo[idx] = out["elbo"].float().cpu().numpy()
+
+    @property
+    def has_elbo(self) -> bool:
+        return bool(np.isfinite(self.elbo).any())
+
+    def relion_pose(self) -> tuple[np.ndarray, np.ndarray]:
+        """rlnAnglePsi (n,) degrees and rlnOriginX/YAngst (n, 2) that undo each pose."""
+        if self.apix is None:
+            raise ValueError("Embedding.relion_pose needs the pixel sizes (apix)")
+        return relion_pose(self.theta, self.t, self.apix)
+
+    # ---- the npz form (docs/outputs.md) ------------------------------------------------------
+    def npz_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays of embedded.npz."""
+        psi, origin = self.relion_pose()
+        n = len(self)
+        return {
+            "z_mu": self.z_mu,
+            "z_sd": self.z_sd,
+            "theta_rad": self.theta,
+            "psi_deg": psi,
+            "t_px": self.t,
+            "origin_A": origin,
+            "confidence": self.confidence,
+            "elbo": self.elbo,
+            "class": self.labels if self.labels is not None else np.zeros(n, np.int64),
+            "indices": np.arange(n, dtype=np.int64),
+            "apix": np.asarray(self.apix, dtype=np.float64),
+            "box": np.int64(self.box),
+        }
+
+    def save_npz(self, file: str | os.PathLike | BinaryIO) -> None:
+        """Write the npz form (to a path or an open binary file)."""
+        np.savez(file, **self.npz_arrays())
+
+    @classmethod
+    def load_npz(cls, path: str | os.PathLike, z_dim: int) -> Embedding:
+        """An embed .npz, checked against the model's z dimension (UserError naming the file)."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"--embedding {path}: file not found")
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                data = {k: f[k] for k in f.files}
+        except Exception as e:
+            raise UserError(
+                f"--embedding {path}: not a readable .npz ({type(e).__name__})"
+            ) from None
+        missing = [k for k in NPZ_KEYS if k not in data]
+        if missing:
+            raise UserError(
+                f"--embedding {path}: no {', '.join(missing)} (not written by tvae-em embed)"
+            )
+        z = data["z_mu"]
+        if z.ndim != 2 or z.shape[1] != z_dim:
+            raise UserError(
+                f"--embedding {path}: z has shape {z.shape} but the model has z_dim {z_dim}"
+                " (embedded with another run?)"
+            )
+        n = len(z)
+        labels = np.asarray(data["class"], dtype=np.int64)
+        return cls(
+            z_mu=z,
+            z_sd=data.get("z_sd", np.zeros_like(z)),
+            theta=np.asarray(data["theta_rad"], dtype=np.float64),
+            t=np.asarray(data["t_px"], dtype=np.float64),
+            confidence=data.get("confidence", np.zeros(n, np.float32)),
+            elbo=data.get("elbo", np.full(n, np.nan, np.float32)),
+            labels=labels if (labels > 0).any() else None,
+            apix=np.broadcast_to(np.asarray(data["apix"], np.float64), (n,)).copy(),
+            box=int(data["box"]) if "box" in data else None,
+        )
+
+
+def run_inference(
+    model: torch.nn.Module,
+    loader,
+    n: int,
+    device: torch.device,
+    with_elbo: bool = True,
+    ctf_for: Callable[[np.ndarray], torch.Tensor | None] | None = None,
+    advance: Advance | None = None,
+    seed: int = 0,
+) -> Embedding:
+    """Embed every batch (indices, images) of `loader` with `model.embed` into an Embedding."""
+    emb = Embedding.empty(n, model.cfg.z_dim)
+    use_amp = device.type == "cuda"
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.inference_mode():
+        torch.manual_seed(seed)  # the ELBO's one Gumbel-softmax sample is reproducible
+        for idx, y in loader:
+            idx_np = idx.numpy()
+            y = y.to(device, non_blocking=True)
+            ctf = ctf_for(idx_np) if (with_elbo and ctf_for is not None) else None
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                out = model.embed(y, with_elbo=with_elbo, ctf=ctf)
+            emb.store(idx_np, out)
+            if advance is not None:
+                advance(len(idx_np))
+    return emb
