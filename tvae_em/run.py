@@ -71,7 +71,13 @@ class RunFolder:
     """A training run folder (layout in the module docstring)."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        path = Path(path)
+        self.checkpoint_file: Path | None = (
+            None  # a checkpoint named directly (RUN/checkpoints/x.pt)
+        )
+        if path.suffix == ".pt" and path.is_file():
+            self.checkpoint_file, path = path, path.parent.parent
+        self.path = path
 
     # ---- layout ---------------------------------------------------------------------------
     @property
@@ -171,8 +177,8 @@ class RunFolder:
 
     def find_checkpoint(self, which: str = "last") -> Path:
         """The checkpoint file (`last` or `best`), or a UserError naming the folder."""
-        if self.path.is_file() and self.path.suffix == ".pt":
-            return self.path
+        if self.checkpoint_file is not None:
+            return self.checkpoint_file
         if not self.path.is_dir():
             raise UserError(f"{self.path}: run folder not found")
         path = self.checkpoint_path("best" if which == "best" else "last")
