@@ -22,7 +22,7 @@ from tvae_em.embed import EmbedOptions, embed_particles
 from tvae_em.io import write_stack, write_star
 from tvae_em.model import ModelConfig, TargetVAE
 from tvae_em.run import RunFolder
-from tvae_em.synthetic import glyphs
+from tvae_em.synthetic import glyphs, star_blocks
 
 
 def make_run(folder: Path, box: int) -> Path:
@@ -36,21 +36,7 @@ def make_particles(folder: Path, n: int, box: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     images, _ = glyphs(n, box=box, seed=0)
     write_stack(folder / "p.mrcs", [images], n, box, 2.0)
-    optics = pd.DataFrame(
-        {
-            "rlnOpticsGroup": [1],
-            "rlnOpticsGroupName": ["opticsGroup1"],
-            "rlnImagePixelSize": [2.0],
-            "rlnImageSize": [box],
-            "rlnImageDimensionality": [2],
-            "rlnVoltage": [300.0],
-            "rlnSphericalAberration": [2.7],
-            "rlnAmplitudeContrast": [0.1],
-        }
-    )
-    particles = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@p.mrcs" for i in range(n)]})
-    particles["rlnOpticsGroup"] = 1
-    write_star(folder / "p.star", {"optics": optics, "particles": particles})
+    write_star(folder / "p.star", star_blocks(n, box, 2.0, "p.mrcs"))
     return folder / "p.star"
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from tvae_em.data import Normalisation
 from tvae_em.io import write_stack, write_star
 from tvae_em.model import ModelConfig, TargetVAE
 from tvae_em.run import RunFolder
+from tvae_em.synthetic import star_blocks
 
 TINY_MODEL = dict(
     rotations=4,
@@ -50,25 +50,11 @@ def write_particle_set(
     folder.mkdir(parents=True, exist_ok=True)
     n, box = images.shape[0], images.shape[-1]
     write_stack(folder / f"{name}.mrcs", [images.astype(np.float32)], n, box, apix)
-    optics = pd.DataFrame(
-        {
-            "rlnOpticsGroup": [1],
-            "rlnOpticsGroupName": ["opticsGroup1"],
-            "rlnAmplitudeContrast": [0.1],
-            "rlnSphericalAberration": [2.7],
-            "rlnVoltage": [300.0],
-            "rlnImagePixelSize": [apix],
-            "rlnImageSize": [box],
-            "rlnImageDimensionality": [2],
-        }
-    )
-    particles = pd.DataFrame(
-        {"rlnImageName": [f"{i + 1:06d}@{name}.mrcs" for i in range(n)], "rlnOpticsGroup": 1}
-    )
+    blocks = star_blocks(n, box, apix, f"{name}.mrcs")
     for key, values in (extra or {}).items():
-        particles[key] = values
+        blocks["particles"][key] = values
     star = folder / f"{name}.star"
-    write_star(star, {"optics": optics, "particles": particles})
+    write_star(star, blocks)
     return star
 
 
