@@ -132,3 +132,34 @@ def lowpass(
     spec = sfft.rfft2(images, workers=-1) * response.astype(np.float32)
     out = sfft.irfft2(spec, s=(d, d), workers=-1)
     return out.astype(np.float32)
+
+
+# ---- centred half-plane spectra (the Fourier renderer's grid) ---------------------------------
+def centred_rfft2(images: torch.Tensor) -> torch.Tensor:
+    """Orthonormal half-plane spectrum (B, D, D//2+1) of real images (B, D, D), phase origin at the
+    centre pixel D//2 (so a centred object has a real, smooth spectrum); float32 or float64."""
+    with torch.autocast(images.device.type, enabled=False):
+        x = images if images.dtype == torch.float64 else images.float()
+        return torch.fft.rfft2(torch.fft.ifftshift(x, dim=(-2, -1)), norm="ortho")
+
+
+def centred_irfft2(spectrum: torch.Tensor, size: int) -> torch.Tensor:
+    """Real images (B, size, size) of half-plane spectra (B, size, size//2+1): the inverse of
+    `centred_rfft2`."""
+    with torch.autocast(spectrum.device.type, enabled=False):
+        x = torch.fft.irfft2(spectrum, s=(size, size), norm="ortho")
+        return torch.fft.fftshift(x, dim=(-2, -1))
+
+
+def half_plane_frequencies(size: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frequencies of the `centred_rfft2` grid, flattened: (M, 2) (kx, ky) in cycles per pixel
+    and (M,) Parseval weights (how many full-plane coefficients each stands for: 1 on the kx = 0
+    column and, for even sizes, on the kx = size/2 column; 2 elsewhere), M = size * (size//2+1)."""
+    ky = torch.fft.fftfreq(size, device=device, dtype=torch.float64)
+    kx = torch.fft.rfftfreq(size, device=device, dtype=torch.float64)
+    gy, gx = torch.meshgrid(ky, kx, indexing="ij")  # (D, D//2+1)
+    weight = torch.full_like(gx, 2.0)
+    weight[:, 0] = 1.0
+    if size % 2 == 0:
+        weight[:, -1] = 1.0
+    return torch.stack([gx, gy], -1).reshape(-1, 2).float(), weight.reshape(-1).float()

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from ..errors import UserError
 
 LIKELIHOODS = ("gaussian", "bernoulli")
+RENDERERS = ("real", "fourier")
 ROTATION_PRIORS = ("uniform", "gaussian")
 MIN_BOX = 8
 
@@ -43,12 +44,16 @@ class ModelConfig:
     fourier_features: int = 256
     fourier_scale_px: float = 2.0  # length scale of the random Fourier features, in pixels
     pixel_fraction: float = 0.25  # pixels evaluated per training step (1.0 at eval or with a CTF)
+    renderer: str = "real"  # "real": generator on pixels; "fourier": on frequencies (docs/model.md)
+    spectral_extent_px: float | None = None  # Fourier renderer: feature positions' sd; 0.25 * box
     tau: float = 1.0  # Gumbel-softmax temperature
     seed: int = 0  # seed of the fixed random initialisation (Fourier features, weights)
 
     def __post_init__(self) -> None:
         if self.t_sd_px is None:
             self.t_sd_px = 0.05 * self.box
+        if self.spectral_extent_px is None:
+            self.spectral_extent_px = 0.25 * self.box
         if self.encoder_kernel is None:
             self.encoder_kernel = default_kernel(self.box) if self.box >= MIN_BOX else 3
         self.validate()
@@ -84,6 +89,12 @@ class ModelConfig:
                 f"pixel_fraction must be in (0, 1], got {self.pixel_fraction}",
             ),
             (self.tau > 0, f"Gumbel-softmax temperature must be > 0, got {self.tau}"),
+            (self.renderer in RENDERERS, f"--renderer must be one of {RENDERERS}"),
+            (
+                self.renderer == "real" or self.likelihood == "gaussian",
+                "--renderer fourier needs the gaussian likelihood (use --renderer real)",
+            ),
+            (self.spectral_extent_px > 0, "spectral_extent_px must be > 0"),
         ]
         for ok, msg in checks:
             if not ok:

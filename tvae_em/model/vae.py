@@ -27,6 +27,15 @@ from .posterior import (
     read_out,
     sample_pose_latent,
 )
+from .spectral import (
+    Band,
+    SpectralGenerator,
+    ctf_band,
+    gaussian_loglik,
+    observed_band,
+    render_spectrum,
+)
+from .spectral import render_image as render_spectral
 
 
 def full_precision(device: torch.device):
@@ -49,14 +58,24 @@ class TargetVAE(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.encoder = EquivariantEncoder(cfg)
-            self.generator = SpatialGenerator(
-                cfg.z_dim,
-                cfg.box,
-                cfg.generator_hidden,
-                cfg.generator_layers,
-                cfg.fourier_features,
-                cfg.fourier_scale_px,
-            )
+            if cfg.renderer == "fourier":
+                self.generator = SpectralGenerator(
+                    cfg.z_dim,
+                    cfg.box,
+                    cfg.generator_hidden,
+                    cfg.generator_layers,
+                    cfg.fourier_features,
+                    cfg.spectral_extent_px,
+                )
+            else:
+                self.generator = SpatialGenerator(
+                    cfg.z_dim,
+                    cfg.box,
+                    cfg.generator_hidden,
+                    cfg.generator_layers,
+                    cfg.fourier_features,
+                    cfg.fourier_scale_px,
+                )
         self.likelihood = PixelLikelihood(cfg.likelihood, cfg.learn_sigma)
         n, d = cfg.rotations, cfg.box
         self.register_buffer("log_pt", log_prior_t(d, cfg.t_sd_px), persistent=False)
@@ -64,6 +83,7 @@ class TargetVAE(nn.Module):
             "log_pr", log_prior_r(n, cfg.r_prior, cfg.r_prior_sd), persistent=False
         )
         self.register_buffer("grid", pixel_grid(d).reshape(d * d, 2), persistent=False)
+        self.band = Band(d) if cfg.renderer == "fourier" else None
 
     def posterior(self, y: torch.Tensor) -> CellPosterior:
         """Encode (B, D, D) images into the per-cell posterior."""
@@ -83,11 +103,15 @@ class TargetVAE(nn.Module):
         z: torch.Tensor,
         ctf: torch.Tensor | None = None,
         fraction: float = 1.0,
+        k_max: float | None = None,
     ) -> torch.Tensor:
         """(B,) log p(y | theta, t, z); an unbiased subset estimate when fraction < 1.
 
         The subset's sum is scaled by D*D / n_subset. A CTF forces all pixels (it mixes them).
+        The Fourier renderer scores the band |k| <= k_max (None: up to Nyquist) exactly instead.
         """
+        if self.band is not None:
+            return self._fourier_log_likelihood(y, theta, t, z, ctf, k_max)
         b, d, _ = y.shape
         npix = d * d
         yflat = y.reshape(b, npix).float()
@@ -104,11 +128,23 @@ class TargetVAE(nn.Module):
             out = apply_ctf(out.reshape(b, d, d), ctf).reshape(b, npix)
         return self.likelihood(ysub, out) * (npix / nsub)
 
-    def _elbo(self, y, post, ctf, fraction) -> dict[str, torch.Tensor]:
+    def _fourier_log_likelihood(self, y, theta, t, z, ctf, k_max) -> torch.Tensor:
+        """(B,) Gaussian log-likelihood of the band: CTF x G(R(-theta) k) exp(-2 pi i k.t)."""
+        if ctf is not None and self.cfg.likelihood != "gaussian":
+            raise UserError("CTF correction needs the gaussian likelihood (--likelihood)")
+        band = self.band
+        n = band.count(k_max)
+        model = render_spectrum(self.generator, band.freqs[:n], z, theta, t, self.cfg.box)
+        if ctf is not None:
+            model = model * ctf_band(ctf, band, n)
+        log_sigma = self.likelihood.log_sigma
+        return gaussian_loglik(observed_band(y, band, n), model, band.weights[:n], log_sigma)
+
+    def _elbo(self, y, post, ctf, fraction, k_max=None) -> dict[str, torch.Tensor]:
         with full_precision(y.device):
             kl_tr, kl_theta, kl_z = kl_terms(post, self.log_pt, self.log_pr)
             theta, t, z = sample_pose_latent(post, self.cfg.rotations, self.cfg.box, self.cfg.tau)
-        log_lik = self.log_likelihood(y, theta, t, z, ctf, fraction)
+        log_lik = self.log_likelihood(y, theta, t, z, ctf, fraction, k_max)
         elbo = log_lik - kl_tr - kl_theta - kl_z
         return {
             "elbo": elbo,
@@ -118,13 +154,16 @@ class TargetVAE(nn.Module):
             "kl_z": kl_z,
         }
 
-    def forward(self, y: torch.Tensor, ctf: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, y: torch.Tensor, ctf: torch.Tensor | None = None, k_max: float | None = None
+    ) -> dict[str, torch.Tensor]:
         """One-sample ELBO: y (B, D, D) -> dict of (B,) elbo, log_lik, kl_tr, kl_theta, kl_z.
 
-        In training mode without a CTF the likelihood uses `pixel_fraction` of the pixels.
+        In training mode without a CTF the real-space likelihood uses `pixel_fraction` of the
+        pixels; the Fourier renderer scores the band |k| <= k_max cycles/pixel (None: Nyquist).
         """
         fraction = self.cfg.pixel_fraction if self.training else 1.0
-        return self._elbo(y, self.posterior(y), ctf, fraction)
+        return self._elbo(y, self.posterior(y), ctf, fraction, k_max)
 
     def embed(
         self, y: torch.Tensor, with_elbo: bool = False, ctf: torch.Tensor | None = None
@@ -143,6 +182,8 @@ class TargetVAE(nn.Module):
     ) -> torch.Tensor:
         """Image means (B, size, size) of objects z at pose (theta, t) (t in pixels of `size`)."""
         size = size or self.cfg.box
+        if self.band is not None:
+            return render_spectral(self.generator, z, theta, t, self.cfg.box, size)
         p = pixel_grid(size, z.device).reshape(1, size * size, 2).expand(z.shape[0], -1, -1)
         out = self.generator(pose_coordinates(p, theta, t, size), z).float()
         return self.likelihood.mean(out).reshape(-1, size, size)
