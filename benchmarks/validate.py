@@ -235,6 +235,12 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------- suites
 
 
+def _variant(opts: dict) -> str:
+    """The part of a run's name that tells renderer and tagged variants apart."""
+    out = "" if opts.get("renderer", "auto") == "auto" else f"_{opts['renderer']}"
+    return out + (f"_{opts['tag']}" if opts.get("tag") else "")
+
+
 def train_args(opts: dict) -> list[str]:
     """`tvae-em train` options shared by all suites."""
     args = [
@@ -244,6 +250,9 @@ def train_args(opts: dict) -> list[str]:
     ]  # fmt: skip
     if opts.get("pixel_fraction") is not None:
         args += ["--pixel-fraction", opts["pixel_fraction"]]
+    if opts.get("renderer", "auto") != "auto":
+        args += ["--renderer", opts["renderer"]]
+    args += (opts.get("train_extra") or "").split()
     return [str(a) for a in args]
 
 
@@ -353,7 +362,7 @@ def particles_suite(opts: dict) -> dict[str, object]:
     train_ctf = "--ctf" if opts["ctf"] else "--no-ctf"
     name = (
         f"particles-{vol_name}_snr{opts['snr']:g}_sim-{ctf_sim}_train{train_ctf}"
-        f"_z{opts['z_dim']}_n{opts['n']}_e{opts['epochs']}_s{opts['seed']}"
+        f"_z{opts['z_dim']}_n{opts['n']}_e{opts['epochs']}_s{opts['seed']}{_variant(opts)}"
     )
     pipe = _pipeline(name, opts)
     data = pipe.work / "data"
@@ -387,7 +396,7 @@ def glyphs_suite(opts: dict) -> dict[str, object]:
     snr = opts.get("snr")
     name = (
         f"glyphs_v{opts['views']}_snr{snr or 'inf'}_z{opts['z_dim']}_n{opts['n']}"
-        f"_e{opts['epochs']}_s{opts['seed']}"
+        f"_e{opts['epochs']}_s{opts['seed']}{_variant(opts)}"
     )
     pipe = _pipeline(name, opts)
     data = pipe.work / "data"
@@ -522,6 +531,9 @@ def common(f):
         click.option("--batch-size", type=int, default=64, show_default=True),
         click.option("--lr", type=float, default=1e-3, show_default=True),
         click.option("--pixel-fraction", type=float, default=None),
+        click.option("--renderer", type=click.Choice(["auto", "real", "fourier"]), default="auto"),
+        click.option("--train-extra", default="", help="More `tvae-em train` options, quoted."),
+        click.option("--tag", default="", help="Suffix of the run's name (to compare variants)."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", default="auto", show_default=True),
     ]

@@ -107,8 +107,8 @@ def test_nan_loss_stops_with_epoch_and_step(glyph_star, tmp_path, monkeypatch):
     original = TargetVAE.forward
     calls = {"n": 0}
 
-    def poisoned(self, y, ctf=None):
-        out = original(self, y, ctf)
+    def poisoned(self, y, ctf=None, **kw):
+        out = original(self, y, ctf, **kw)
         calls["n"] += 1
         if calls["n"] == 5:  # epoch 2 (3 steps per epoch), step 2
             out["elbo"] = out["elbo"] * float("nan")

@@ -43,6 +43,7 @@ METRIC_FIELDS = [
     "lr",
     "particles_per_s",
     "seconds",
+    "k_max",
 ]
 # Options that may change on resume (they do not change the result, or only extend it).
 RESUMABLE_CHANGES = {"epochs", "num_workers", "device", "checkpoint_every", "resume", "progress"}

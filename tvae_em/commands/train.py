@@ -68,7 +68,32 @@ from .options import (
 @click.option(
     "--tau", type=float, default=1.0, show_default=True, help="Gumbel-softmax temperature."
 )
-@click.option("--pixel-fraction", type=float, help="Pixels scored per step (unbiased subsample).")
+@click.option(
+    "--pixel-fraction",
+    type=float,
+    help="Real-space renderer: pixels scored per step (unbiased subsample).",
+)
+@click.option(
+    "--renderer",
+    type=click.Choice(["auto", "real", "fourier"]),
+    default="auto",
+    show_default=True,
+    help="Generator on frequencies (fourier: the CTF is a product, exact poses) or on pixels "
+    "(real). auto: fourier for the gaussian likelihood, real for bernoulli.",
+)
+@click.option(
+    "--band-start",
+    type=float,
+    default=0.3,
+    show_default=True,
+    help="Fourier renderer: the band scored first, as a fraction of Nyquist.",
+)
+@click.option(
+    "--band-epochs",
+    type=float,
+    help="Fourier renderer: epochs over which the band grows to Nyquist (0: no schedule). "
+    "[default: 40% of --epochs]",
+)
 @seed_option()
 @device_option()
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA.")

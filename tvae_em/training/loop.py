@@ -88,24 +88,27 @@ def fit(
             for epoch in range(s.start_epoch + 1, opts.epochs + 1):
                 batches = epoch_batches(n, opts.batch_size, opts.seed, epoch, True, s.rank, s.world)
                 loader = make_loader(dataset, batches, opts.num_workers)
-                sums, seen, t0 = _run_epoch(s, loader, epoch, advance)
+                sums, seen, t0 = _run_epoch(s, loader, epoch, advance, len(batches))
                 sums = _all_reduce(sums, s.device) if s.world > 1 else sums
                 total = sums.pop("count")
                 row = {k: v / total for k, v in sums.items()}
                 dt = time.time() - t0
                 seen_total += seen * s.world
                 last_loss = row["loss"]
-                s.sched.step(last_loss)
+                final_band = s.band.k_max(epoch - 1e-9) is None  # this epoch ended at Nyquist
+                if final_band:  # losses of narrower bands are not comparable
+                    s.sched.step(last_loss)
                 row.update(
                     epoch=epoch,
                     lr=s.optim.param_groups[0]["lr"],
                     particles_per_s=seen * s.world / dt,
                     seconds=dt,
+                    k_max=_band_label(s, epoch),
                 )
                 if s.is_main:
                     metrics.append(row)
-                    is_best = last_loss < best
-                    best = min(best, last_loss)
+                    is_best = final_band and last_loss < best
+                    best = min(best, last_loss) if final_band else best
                     _checkpoint(s, epoch, best, is_best)
                     say(
                         f"epoch {epoch}/{opts.epochs}: loss {last_loss:.4g} "
@@ -167,8 +170,19 @@ def _checkpoint(s: TrainingSetup, epoch: int, best: float, is_best: bool) -> Non
         s.run.save_checkpoint("best", payload)
 
 
-def _run_epoch(s: TrainingSetup, loader, epoch: int, advance):
-    """One pass over the loader; returns summed per-image terms, images seen and the start time."""
+def _band_label(s: TrainingSetup, epoch: int) -> float | str:
+    """metrics.csv's k_max: the band (cycles/pixel) at the end of the epoch; empty for the
+    real-space renderer, which scores every pixel."""
+    if s.model_cfg.get("renderer", "real") != "fourier":
+        return ""
+    k = s.band.k_max(epoch - 1e-9)
+    return 0.5 if k is None else float(k)
+
+
+def _run_epoch(s: TrainingSetup, loader, epoch: int, advance, n_steps: int):
+    """One pass over the loader; returns summed per-image terms, images seen and the start time.
+
+    The Fourier renderer's band grows step by step as `BandSchedule` says."""
     model, optim, device = s.train_model, s.optim, s.device
     model.train()
     sums = dict.fromkeys(TERMS, 0.0) | {"count": 0.0}
@@ -177,8 +191,9 @@ def _run_epoch(s: TrainingSetup, loader, epoch: int, advance):
     for step, (idx, y) in enumerate(loader, start=1):
         y = y.to(device, non_blocking=True)
         ctf = None if s.ctf is None else batch_ctf(s.ctf, apix, idx.numpy(), s.stack.box, device)
+        k_max = s.band.k_max(epoch - 1 + (step - 1) / n_steps)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.use_amp):
-            out = model(y, ctf=ctf)
+            out = model(y, ctf=ctf, k_max=k_max)
         loss = -out["elbo"].float().mean()
         if not torch.isfinite(loss):
             raise TrainingDiverged(

@@ -38,7 +38,51 @@ class TrainOptions:
     checkpoint_every: int = 1
     datadir: str | None = None
     input_apix: float | None = None
+    renderer: str = "auto"
+    band_start: float = 0.3
+    band_epochs: float | None = None
     model_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+RENDERER_CHOICES = ("auto", "real", "fourier")
+
+
+@dataclass(frozen=True)
+class BandSchedule:
+    """Coarse-to-fine training of the Fourier renderer: the scored band |k| <= k_max grows
+    linearly from ``start`` x Nyquist to Nyquist over the first ``epochs`` epochs (0: no ramp)."""
+
+    start: float
+    epochs: float
+
+    def k_max(self, epochs_done: float) -> float | None:
+        """k_max in cycles per pixel after ``epochs_done`` (fractional) epochs; None at Nyquist."""
+        if self.epochs <= 0 or epochs_done >= self.epochs:
+            return None
+        return 0.5 * (self.start + (1.0 - self.start) * epochs_done / self.epochs)
+
+
+def band_schedule(opts: TrainOptions, renderer: str) -> BandSchedule:
+    """The schedule of a run: none for the real-space renderer; by default the band reaches
+    Nyquist after 40% of the epochs."""
+    if renderer != "fourier":
+        return BandSchedule(1.0, 0.0)
+    epochs = 0.4 * opts.epochs if opts.band_epochs is None else opts.band_epochs
+    return BandSchedule(opts.band_start, epochs)
+
+
+def check_options(opts: TrainOptions) -> None:
+    """UserError for impossible renderer and schedule options (before anything is created)."""
+    if opts.renderer not in RENDERER_CHOICES:
+        raise UserError(f"--renderer {opts.renderer}: choose from {', '.join(RENDERER_CHOICES)}")
+    if not (math.isfinite(opts.band_start) and 0 < opts.band_start <= 1):
+        raise UserError(
+            f"--band-start {opts.band_start}: must be in (0, 1] (a fraction of Nyquist)"
+        )
+    if opts.band_epochs is not None and not (
+        math.isfinite(opts.band_epochs) and opts.band_epochs >= 0
+    ):
+        raise UserError(f"--band-epochs {opts.band_epochs}: must be >= 0 (0: no schedule)")
 
 
 def parse_t_sd(spec: str | None, box: int, apix: float) -> float:
@@ -72,8 +116,12 @@ def model_config(opts: TrainOptions, stack) -> dict[str, Any]:
     if likelihood == "auto":
         sample = stack.read(np.arange(min(len(stack), 64)))
         likelihood = choose_likelihood(torch.from_numpy(sample))
+    renderer = opts.renderer
+    if renderer == "auto":
+        renderer = "fourier" if likelihood == "gaussian" else "real"
     cfg = {
         "box": box,
+        "renderer": renderer,
         "z_dim": opts.z_dim,
         "rotations": opts.rotations,
         "t_sd_px": parse_t_sd(opts.t_sd, box, apix),

@@ -14,7 +14,7 @@ from ..errors import UserError
 from ..io import ParticleStack
 from ..run import RunFolder, run_config
 from ..runtime import distributed_env, resolve_device, seed_everything, set_rng_state
-from .options import TrainOptions, model_config
+from .options import BandSchedule, TrainOptions, band_schedule, check_options, model_config
 
 
 @dataclass
@@ -31,6 +31,7 @@ class TrainingSetup:
     model_cfg: dict[str, Any]
     norm: Normalisation
     ctf: CtfParams | None  # per-particle CTF parameters when CTF-aware training is on
+    band: BandSchedule  # coarse-to-fine band of the Fourier renderer
     device: torch.device
     use_amp: bool
     start_epoch: int
@@ -48,6 +49,7 @@ def prepare(opts: TrainOptions, resume: bool = False, explicit: set[str] | None 
     model, optimizer and scheduler, and write config.json. Returns a `TrainingSetup`."""
     from ..model import ModelConfig, TargetVAE
 
+    check_options(opts)
     rank, world, local_rank = distributed_env()
     run = RunFolder(opts.out_dir)
     device = resolve_device(opts.device)
@@ -113,6 +115,7 @@ def prepare(opts: TrainOptions, resume: bool = False, explicit: set[str] | None 
         model_cfg=cfg,
         norm=norm,
         ctf=ctf,
+        band=band_schedule(opts, cfg.get("renderer", "real")),
         device=device,
         use_amp=opts.amp and device.type == "cuda",
         start_epoch=start_epoch,
