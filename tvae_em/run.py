@@ -483,23 +483,32 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:
-    """The rows of metrics.csv; UserError naming the file and line of a row that is not one."""
+    """The rows of metrics.csv; UserError naming the file and line of a row that is not one.
+
+    A last line cut short (no newline: a kill while it was written) is dropped; it belongs to an
+    epoch after the last checkpoint, which a resume runs again.
+    """
     try:
-        with Path(path).open(newline="") as f:
-            reader = csv.DictReader(f)
-            rows = []
-            for row in reader:
-                try:
-                    int(row["epoch"])
-                    [float(row[k]) for k in METRIC_FIELDS[1:] if k in row]
-                except (KeyError, TypeError, ValueError):
-                    raise UserError(
-                        f"{path}: line {reader.line_num} is not a row of epoch metrics; "
-                        "delete that line (see docs/errors.md)"
-                    ) from None
-                rows.append(row)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read the metrics ({type(e).__name__})") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
+    try:
+        for row in reader:
+            try:
+                int(row["epoch"])
+                [float(row[k]) for k in METRIC_FIELDS[1:] if k in row]
+            except (KeyError, TypeError, ValueError):
+                if not text.endswith("\n") and reader.line_num == text.count("\n") + 1:
+                    break
+                raise UserError(
+                    f"{path}: line {reader.line_num} is not a row of epoch metrics; "
+                    "delete that line (see docs/errors.md)"
+                ) from None
+            rows.append(row)
+    except csv.Error as e:
+        raise UserError(f"{path}: cannot read the metrics ({e})") from None
     return rows
 
 

@@ -70,12 +70,14 @@ def _optics_value(
     if optics is None or column not in optics.columns:
         raise UserError(f"{src}: particles have rlnDefocusU but no {column} (needed for the CTF)")
     if len(optics) == 1 and "rlnOpticsGroup" not in particles.columns:
-        return np.full(len(particles), _numeric(optics[column], column, src)[0])
+        return np.full(len(particles), _numeric(optics[column], column, src, "optics group")[0])
     if "rlnOpticsGroup" not in particles.columns or "rlnOpticsGroup" not in optics.columns:
         raise UserError(f"{src}: cannot match particles to optics groups (no rlnOpticsGroup)")
     table = dict(
         zip(
-            optics["rlnOpticsGroup"].astype(int), _numeric(optics[column], column, src), strict=True
+            optics["rlnOpticsGroup"].astype(int),
+            _numeric(optics[column], column, src, "optics group"),
+            strict=True,
         )
     )
     groups = particles["rlnOpticsGroup"].astype(int).to_numpy()

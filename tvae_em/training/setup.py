@@ -86,7 +86,7 @@ def prepare(opts: TrainOptions, resume: bool = False, explicit: set[str] | None 
         ModelConfig(**cfg)  # every model setting checked before the folder is made
     ctf = _ctf_params(opts, stack)
 
-    created = not resume and not run.path.exists()
+    created = rank == 0 and not resume and not run.path.exists()
     lock = None
     try:
         if rank == 0:
