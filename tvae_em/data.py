@@ -6,11 +6,14 @@ does not grow with the number of particles and DataLoader workers reopen the map
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from .errors import UserError
 
 
 @dataclass
@@ -29,7 +32,9 @@ def estimate_normalisation(stack, n_sample: int = 1000, seed: int = 0) -> Normal
     rng = np.random.default_rng(seed)
     n = len(stack)
     idx = np.sort(rng.choice(n, size=min(n, n_sample), replace=False))
-    x = stack.read(idx).astype(np.float64)
+    x = stack.read(idx)
+    stack.check_pixels(idx, x)
+    x = x.astype(np.float64)
     sd = float(x.std())
     return Normalisation(mean=float(x.mean()), sd=sd if sd > 0 else 1.0)
 
@@ -77,9 +82,41 @@ def epoch_batches(
     return [order[i : min(i + batch_size, stop)] for i in range(0, stop, batch_size)]
 
 
-def make_loader(dataset: BatchDataset, batches: list[np.ndarray], num_workers: int) -> DataLoader:
-    """A DataLoader over precomputed batches (no re-batching, optional worker processes)."""
-    return DataLoader(
+def check_num_workers(num_workers: int) -> None:
+    """UserError unless --num-workers is a number of processes (0: load in the main process)."""
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise UserError(f"--num-workers {num_workers}: must be 0 or more")
+
+
+class CheckedLoader:
+    """Iterates a DataLoader of (indices, images), refusing images with NaN or Inf pixels.
+
+    The check runs in the main process (a UserError raised in a worker would come back with the
+    worker's traceback in its message) and names the particle; normalisation keeps pixels finite
+    when they were, so checking the normalised images is enough.
+    """
+
+    def __init__(self, loader: DataLoader, stack) -> None:
+        self.loader = loader
+        self.stack = stack
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for idx, y in self.loader:
+            if not torch.isfinite(y).all():
+                self.stack.check_pixels(idx.numpy(), y.numpy())
+            yield idx, y
+
+
+def make_loader(
+    dataset: BatchDataset, batches: list[np.ndarray], num_workers: int
+) -> CheckedLoader:
+    """A DataLoader over precomputed batches (no re-batching, optional worker processes) whose
+    images are checked for NaN/Inf pixels (UserError naming the particle)."""
+    check_num_workers(num_workers)
+    loader = DataLoader(
         dataset,
         sampler=batches,
         batch_size=None,
@@ -88,3 +125,4 @@ def make_loader(dataset: BatchDataset, batches: list[np.ndarray], num_workers: i
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=2 if num_workers > 0 else None,
     )
+    return CheckedLoader(loader, dataset.stack)

@@ -15,7 +15,7 @@ import numpy as np
 
 from .clustering import assign_classes
 from .ctf import batch_ctf
-from .data import BatchDataset, epoch_batches, make_loader
+from .data import BatchDataset, check_num_workers, epoch_batches, make_loader
 from .errors import UserError
 from .export import (
     cs_table,
@@ -29,7 +29,7 @@ from .inference import run_inference
 from .io import ParticleStack
 from .progress import ProgressFactory, no_progress
 from .run import RunFolder, TrainedModel
-from .runtime import resolve_device
+from .runtime import check_seed, resolve_device
 
 
 @dataclass
@@ -81,6 +81,8 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
     """Embed the particles of ``opts.input`` with the model of ``opts.run_dir`` and write the
     star, npz (and cs, and the full-size star of ``opts.original``); see docs/outputs.md."""
     input, run_dir = str(opts.input), str(opts.run_dir)
+    check_num_workers(opts.num_workers)
+    check_seed(opts.seed)
     dev = resolve_device(opts.device)
     trained = RunFolder(run_dir).load_model(dev, opts.checkpoint)
     stack = ParticleStack.open(input, datadir=opts.datadir, apix=opts.input_apix)
@@ -114,6 +116,7 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
         t0 = time.perf_counter()
         emb = run_inference(model, loader, n, dev, opts.with_elbo, ctf_for, advance, opts.seed)
         seconds = time.perf_counter() - t0
+    emb.check_finite(input, f"the model of {run_dir} gives NaN for it (a diverged checkpoint?)")
 
     emb.apix, emb.box = apix, stack.box
     if opts.classes:

@@ -21,6 +21,7 @@ from .inference import Embedding
 from .io import (
     ParticleStack,
     atomic_paths,
+    check_writable_dir,
     dataframe_to_cs,
     ensure_writable_dir,
     write_cs,
@@ -111,7 +112,7 @@ def plan_outputs(
             raise UserError(f"{option} {path}: is a folder, expected a file name")
         seen.add(os.path.abspath(path))
         try:
-            ensure_writable_dir(path.parent if str(path.parent) else Path("."))
+            check_writable_dir(path.parent if str(path.parent) else Path("."))
         except UserError as e:
             raise UserError(f"{option} {path}: {e}") from None
     return plan
@@ -232,6 +233,8 @@ def cs_table(stack: ParticleStack, emb: Embedding, rows: np.ndarray) -> np.ndarr
 def write_outputs(plan: OutputPlan, tables: dict[str, object]) -> None:
     """Write every planned file under temporary names, then rename them all (none on failure)."""
     paths = plan.paths()
+    for path in paths:
+        ensure_writable_dir(path.parent)
     with atomic_paths(paths) as tmps:
         tmp = dict(zip(map(str, paths), tmps, strict=True))
         particles, optics = tables["star"]

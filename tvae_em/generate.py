@@ -25,10 +25,17 @@ from .errors import UserError
 from .fourier import apply_ctf, phase_flip
 from .geometry import align_images, relion_pose
 from .inference import Embedding
-from .io import ParticleStack, build_optics, ensure_writable_dir, write_stack, write_star
+from .io import (
+    ParticleStack,
+    atomic_folder,
+    build_optics,
+    check_writable_dir,
+    write_stack,
+    write_star,
+)
 from .progress import Advance, ProgressFactory, no_progress
 from .run import RunFolder, TrainedModel
-from .runtime import resolve_device
+from .runtime import check_seed, resolve_device
 
 MAX_SIZE = 1024
 MAX_STEPS = 33
@@ -284,7 +291,9 @@ def reconstruction_figure(
     model = trained.model
     box = stack.box
     idx = np.unique(np.linspace(0, len(stack) - 1, min(n_recon, len(stack))).round().astype(int))
-    y = torch.from_numpy(trained.normalisation.apply(stack.read(idx)).astype(np.float32))
+    raw = stack.read(idx)
+    stack.check_pixels(idx, raw)
+    y = torch.from_numpy(trained.normalisation.apply(raw).astype(np.float32))
     y = y.to(device)
     with torch.inference_mode():
         out = model.embed(y)
@@ -382,10 +391,11 @@ def generate_figures(
 
     Every option is checked before the first file is written.
     """
+    check_seed(opts.seed)
     dev = resolve_device(opts.device)
     trained = RunFolder(opts.run_dir).load_model(dev, opts.checkpoint)
     model, z_dim, box = trained.model, trained.model.cfg.z_dim, trained.model.cfg.box
-    size = opts.size or box
+    size = box if opts.size is None else opts.size
     _check_numbers(size, opts.n_steps, opts.value_range, opts.n_recon)
     emb = Embedding.load_npz(opts.embedding, z_dim) if opts.embedding else None
     axes = latent_axes(z_dim, emb.z_mu if emb is not None else None)
@@ -400,45 +410,52 @@ def generate_figures(
     labels = _class_labels(emb, opts.classes, opts.seed) if emb is not None else None
     use_ctf = stack is not None and trained.uses_ctf(stack) and stack.ctf_params() is not None
     try:
-        folder = ensure_writable_dir(opts.out_dir)
+        check_writable_dir(opts.out_dir)
     except UserError as e:
         raise UserError(f"-o {opts.out_dir}: {e}") from None
 
     summary = GenerateSummary()
-    steps = step_values(opts.n_steps, opts.value_range)
-    summary.outputs.append(folder / "latent_traversal.png")
-    traversal_figure(summary.outputs[-1], model, axes, chosen, steps, size, dev)
-    if len(chosen) == 2:
-        summary.outputs.append(folder / "latent_plane.png")
-        plane_figure(summary.outputs[-1], model, axes, chosen, steps, size, dev)
-    if stack is not None:
-        summary.outputs.append(folder / "reconstructions.png")
-        reconstruction_figure(summary.outputs[-1], trained, stack, opts.n_recon, size, use_ctf, dev)
-    else:
-        summary.notes.append("reconstructions need --particles")
-    if emb is None:
-        summary.notes.append("class averages, latent scatter and pose histograms need --embedding")
-        return summary
-    summary.outputs.append(folder / "latent_scatter.png")
-    scatter_figure(summary.outputs[-1], emb, labels)
-    summary.outputs.append(folder / "pose_histograms.png")
-    histogram_figure(summary.outputs[-1], emb)
-    if stack is None:
-        summary.notes.append("class averages need --particles (the star that was embedded)")
-        return summary
-    flip = _flip_function(stack) if use_ctf else None
-    with progress(len(stack), "class averages") as advance:
-        averages, counts = class_averages(
-            stack,
-            trained.normalisation,
-            emb.theta,
-            emb.t,
-            labels - 1,
-            int(labels.max()),
-            flip_for=flip,
-            advance=advance,
-        )
-    summary.outputs += class_average_outputs(folder, averages, counts, float(np.median(stack.apix)))
+    with atomic_folder(opts.out_dir) as folder:  # every figure or none, even on Ctrl-C
+        steps = step_values(opts.n_steps, opts.value_range)
+        summary.outputs.append(folder / "latent_traversal.png")
+        traversal_figure(summary.outputs[-1], model, axes, chosen, steps, size, dev)
+        if len(chosen) == 2:
+            summary.outputs.append(folder / "latent_plane.png")
+            plane_figure(summary.outputs[-1], model, axes, chosen, steps, size, dev)
+        if stack is not None:
+            summary.outputs.append(folder / "reconstructions.png")
+            reconstruction_figure(
+                summary.outputs[-1], trained, stack, opts.n_recon, size, use_ctf, dev
+            )
+        else:
+            summary.notes.append("reconstructions need --particles")
+        if emb is None:
+            summary.notes.append(
+                "class averages, latent scatter and pose histograms need --embedding"
+            )
+        else:
+            summary.outputs.append(folder / "latent_scatter.png")
+            scatter_figure(summary.outputs[-1], emb, labels)
+            summary.outputs.append(folder / "pose_histograms.png")
+            histogram_figure(summary.outputs[-1], emb)
+        if emb is not None and stack is None:
+            summary.notes.append("class averages need --particles (the star that was embedded)")
+        elif emb is not None:
+            flip = _flip_function(stack) if use_ctf else None
+            with progress(len(stack), "class averages") as advance:
+                averages, counts = class_averages(
+                    stack,
+                    trained.normalisation,
+                    emb.theta,
+                    emb.t,
+                    labels - 1,
+                    int(labels.max()),
+                    flip_for=flip,
+                    advance=advance,
+                )
+            apix = float(np.median(stack.apix))
+            summary.outputs += class_average_outputs(folder, averages, counts, apix)
+    summary.outputs = [Path(opts.out_dir) / p.name for p in summary.outputs]
     return summary
 
 

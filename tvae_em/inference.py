@@ -63,6 +63,15 @@ class Embedding:
         if "elbo" in out:
             self.elbo[idx] = out["elbo"].float().cpu().numpy()
 
+    def check_finite(self, source: str, fix: str) -> None:
+        """UserError naming the first particle whose z, angle or shift is NaN or Inf."""
+        parts = {"z": self.z_mu, "angle": self.theta, "shift": self.t}
+        for what, values in parts.items():
+            bad = ~np.isfinite(np.asarray(values, dtype=np.float64).reshape(len(self), -1)).all(1)
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise UserError(f"{source}: particle {i + 1} has a non-finite {what}; {fix}")
+
     @property
     def has_elbo(self) -> bool:
         return bool(np.isfinite(self.elbo).any())
@@ -123,7 +132,7 @@ class Embedding:
             )
         n = len(z)
         labels = np.asarray(data["class"], dtype=np.int64)
-        return cls(
+        emb = cls(
             z_mu=z,
             z_sd=data.get("z_sd", np.zeros_like(z)),
             theta=np.asarray(data["theta_rad"], dtype=np.float64),
@@ -134,6 +143,8 @@ class Embedding:
             apix=np.broadcast_to(np.asarray(data["apix"], np.float64), (n,)).copy(),
             box=int(data["box"]) if "box" in data else None,
         )
+        emb.check_finite(f"--embedding {path}", "re-embed those particles with tvae-em embed")
+        return emb
 
 
 def run_inference(

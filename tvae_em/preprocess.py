@@ -27,9 +27,10 @@ from .fourier import fourier_crop, lowpass, phase_flip
 from .io import (
     PHASE_FLIPPED,
     ParticleStack,
-    atomic_paths,
+    atomic_folder,
     dataframe_to_cs,
-    ensure_writable_dir,
+    nonfinite_images,
+    nonfinite_kind,
     write_cs,
     write_stack,
     write_star,
@@ -88,12 +89,11 @@ def normalise(
 def bad_image_reasons(images: np.ndarray) -> list[str | None]:
     """Per image: None if usable, else why not (NaN/Inf pixels, or a constant image)."""
     flat = images.reshape(len(images), -1)  # (B, D*D)
-    lo, hi = flat.min(axis=1), flat.max(axis=1)  # NaN and Inf propagate here: no big temporaries
     reasons: list[str | None] = [None] * len(images)
-    for i in np.flatnonzero(~(np.isfinite(lo) & np.isfinite(hi))):
-        kinds = [k for k, f in (("NaN", np.isnan), ("Inf", np.isinf)) if f(flat[i]).any()]
-        reasons[i] = f"{'/'.join(kinds)} pixels"
-    for i in np.flatnonzero(np.isfinite(lo) & (lo == hi)):
+    nonfinite = nonfinite_images(images)
+    for i in np.flatnonzero(nonfinite):
+        reasons[i] = f"{nonfinite_kind(flat[i])} pixels"
+    for i in np.flatnonzero(~nonfinite & (flat.min(axis=1) == flat.max(axis=1))):
         reasons[i] = "a constant image (no signal)"
     return reasons
 
@@ -237,14 +237,12 @@ def preprocess_stack(
     options = dict(invert_contrast=invert, lowpass_A=lowpass_A, mask_radius=mask_radius, norm=norm)
     if phase_flip:
         options["ctf_params"] = _phase_flip_params(stack)
-    created = not Path(out_dir).exists()
-    out_dir = ensure_writable_dir(out_dir)
-    try:
-        return _run(stack, out_dir, box_out, apix_out, skip_bad, chunk_size, progress, options, t0)
-    except BaseException:
-        if created and not any(out_dir.iterdir()):
-            out_dir.rmdir()  # leave no trace of a failed run
-        raise
+    out_dir = Path(out_dir)
+    with atomic_folder(out_dir) as stage:  # complete outputs or none, even on Ctrl-C
+        summary = _run(stack, stage, box_out, apix_out, skip_bad, chunk_size, progress, options, t0)
+    summary.star, summary.stack = out_dir / summary.star.name, out_dir / summary.stack.name
+    summary.cs = out_dir / summary.cs.name if summary.cs is not None else None
+    return summary
 
 
 def _phase_flip_params(stack: ParticleStack):
@@ -275,36 +273,38 @@ def _run(stack, out_dir, box_out, apix_out, skip_bad, chunk_size, progress, opti
             stack.close()  # unmap: pages of the input stack do not pile up in this process
             reasons = bad_image_reasons(raw)
             good = np.array([r is None for r in reasons])
-            if not good.all():
-                raw = raw[good]
-            ctf = None
-            if flip_params is not None:
-                ctf = batch_ctf(flip_params, apix_out, idx[good], box_out).numpy()
-            out = process_images(raw, box_out, apix_out[idx[good]], ctf=ctf, **options)
-            del raw
-            late = bad_image_reasons(out)  # e.g. overflow to Inf in the FFT
-            for j, r in zip(np.flatnonzero(good), late, strict=True):
-                if r is not None:
-                    reasons[j], good[j] = r, False
-            out = out[[r is None for r in late]]
-            for j in np.flatnonzero(~good):
-                _bad_particle(stack, int(idx[j]), reasons[j], skip_bad)
-                skipped.append((int(idx[j]), reasons[j]))
+            _drop_bad(stack, idx, good, reasons, skip_bad, skipped)
+            out = np.empty((0, box_out, box_out), np.float32)
+            if good.any():  # a chunk of bad particles only is skipped whole
+                raw = raw[good] if not good.all() else raw
+                ctf = None
+                if flip_params is not None:
+                    ctf = batch_ctf(flip_params, apix_out, idx[good], box_out).numpy()
+                out = process_images(raw, box_out, apix_out[idx[good]], ctf=ctf, **options)
+                del raw
+                late = bad_image_reasons(out)  # e.g. overflow to Inf in the FFT
+                now_bad = np.zeros_like(good)
+                for j, r in zip(np.flatnonzero(good), late, strict=True):
+                    if r is not None:
+                        reasons[j], now_bad[j] = r, True
+                _drop_bad(stack, idx, ~now_bad, reasons, skip_bad, skipped)
+                out = out[[r is None for r in late]]
+                good &= ~now_bad
             kept.append(idx[good])
             yield out
             advance(len(idx))
 
-    with atomic_paths(finals) as tmps, progress(len(stack), "preprocess") as advance:
-        n_out = write_stack(tmps[0], chunks(), len(stack), box_out, float(apix_out[0]))
-        if n_out == 0:
-            raise UserError(f"no usable particles in {stack.source}: all {len(stack)} are bad")
-        keep = np.concatenate(kept)
-        particles, optics = _output_tables(stack, keep, box_out, scale, finals[0].name)
-        if flip_params is not None:
-            particles[PHASE_FLIPPED] = 1
-        write_star(tmps[1], {"optics": optics, "particles": particles})
-        if stack.writes_cs:
-            write_cs(tmps[2], _output_cs(stack, keep, box_out, scale, finals[0].name))
+    with progress(len(stack), "preprocess") as advance:
+        n_out = write_stack(finals[0], chunks(), len(stack), box_out, float(apix_out[0]))
+    if n_out == 0:
+        raise UserError(f"no usable particles in {stack.source}: all {len(stack)} are bad")
+    keep = np.concatenate(kept)
+    particles, optics = _output_tables(stack, keep, box_out, scale, finals[0].name)
+    if flip_params is not None:
+        particles[PHASE_FLIPPED] = 1
+    write_star(finals[1], {"optics": optics, "particles": particles})
+    if stack.writes_cs:
+        write_cs(finals[2], _output_cs(stack, keep, box_out, scale, finals[0].name))
     return PreprocessSummary(
         n_in=len(stack),
         n_out=n_out,
@@ -316,18 +316,20 @@ def _run(stack, out_dir, box_out, apix_out, skip_bad, chunk_size, progress, opti
         star=finals[1],
         stack=finals[0],
         cs=finals[2] if len(finals) > 2 else None,
-        skipped=skipped,
+        skipped=sorted(skipped),
     )
 
 
-def _bad_particle(stack: ParticleStack, i: int, reason: str, skip_bad: bool) -> None:
-    """UserError naming a bad particle, unless bad particles are being skipped."""
-    if not skip_bad:
-        file = stack.files[stack.file_index[i]]
-        raise UserError(
-            f"particle {i + 1} (image {stack.image_index[i] + 1} of {file}) has {reason}; "
-            "use --skip-bad to drop such particles"
-        )
+def _drop_bad(stack, idx, good, reasons, skip_bad: bool, skipped: list) -> None:
+    """Record the particles of ``idx`` that are not ``good`` as skipped; without ``skip_bad``
+    a UserError names the first of them."""
+    for j in np.flatnonzero(~good):
+        i = int(idx[j])
+        if not skip_bad:
+            raise UserError(
+                f"{stack.describe(i)} has {reasons[j]}; use --skip-bad to drop such particles"
+            )
+        skipped.append((i, reasons[j]))
 
 
 def _output_tables(

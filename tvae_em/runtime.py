@@ -41,6 +41,12 @@ def command_line() -> str:
     return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
 
 
+def check_seed(seed: int) -> None:
+    """UserError unless --seed is a non-negative integer (what NumPy's generators take)."""
+    if not isinstance(seed, int) or seed < 0:
+        raise UserError(f"--seed {seed}: must be 0 or a positive integer")
+
+
 def seed_everything(seed: int) -> None:
     """Fix Python, NumPy and torch (CPU and CUDA) generators."""
     random.seed(seed)

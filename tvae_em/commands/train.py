@@ -137,7 +137,13 @@ def train(ctx: click.Context, input, out_dir, resume, **kw) -> None:
         if input is not None:
             explicit.add("input")
         merged = RunFolder(resume).resume_options({**kw, "input": input}, explicit)
-        opts = TrainOptions(**merged)
+        try:
+            opts = TrainOptions(**merged)
+        except TypeError:
+            raise UserError(
+                f"--resume {resume}: the options in its config.json are not those of this "
+                "version of tvae-em; resume with the version that wrote it"
+            ) from None
     else:
         if input is None or out_dir is None:
             raise UserError("train needs INPUT and -o RUN_FOLDER (or --resume RUN_FOLDER)")
@@ -154,11 +160,18 @@ def train(ctx: click.Context, input, out_dir, resume, **kw) -> None:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)
     if res.interrupted:
-        click.echo(
-            f"Interrupted after epoch {res.epochs_done}; resume with: tvae-em train "
-            f"--resume {res.run_dir}",
-            err=True,
-        )
+        if RunFolder(res.run_dir).checkpoint_path("last").exists():
+            click.echo(
+                f"Interrupted after epoch {res.epochs_done}; resume with: tvae-em train "
+                f"--resume {res.run_dir}",
+                err=True,
+            )
+        else:
+            click.echo(
+                "Interrupted before the first checkpoint: nothing to resume; start the run "
+                "again with the same command",
+                err=True,
+            )
         sys.exit(130)
     click.echo(
         f"Trained {res.epochs_done} epochs in {res.seconds:.0f} s ({res.particles_per_s:.1f} "

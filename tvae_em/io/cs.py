@@ -20,6 +20,7 @@ from .atomic import atomic_path
 from .relion import build_optics
 
 REQUIRED = ("blob/path", "blob/idx")
+NUMPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy (and so .cs) file
 # The one mapping of cryoSPARC ctf/* fields to RELION labels (with the factor to RELION's units).
 CTF_PARTICLE_FIELDS = {
     "ctf/df1_A": ("rlnDefocusU", 1.0),
@@ -42,6 +43,12 @@ def read_cs(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"cryoSPARC file not found: {path}")
+    with path.open("rb") as f:
+        magic = f.read(len(NUMPY_MAGIC))
+    if magic != NUMPY_MAGIC:
+        raise UserError(
+            f"cannot read cryoSPARC file {path}: it is not a numpy array file (what a .cs is)"
+        )
     try:
         arr = np.load(path, allow_pickle=False)
     except Exception as e:

@@ -27,6 +27,8 @@ RELION_OPTICS = {
     "amp_contrast": "rlnAmplitudeContrast",
 }
 PHASE_FLIPPED = "tvaePhaseFlipped"  # particle column written by preprocess --phase-flip
+# Every RELION column the CTF is read from: checked to be numbers when a stack is opened.
+CTF_COLUMNS = [*RELION_PARTICLE.values(), *RELION_OPTICS.values(), PHASE_FLIPPED]
 
 
 def relion_ctf_params(
@@ -68,12 +70,14 @@ def _optics_value(
     if optics is None or column not in optics.columns:
         raise UserError(f"{src}: particles have rlnDefocusU but no {column} (needed for the CTF)")
     if len(optics) == 1 and "rlnOpticsGroup" not in particles.columns:
-        return np.full(len(particles), _numeric(optics[column], column, src)[0])
+        return np.full(len(particles), _numeric(optics[column], column, src, "optics group")[0])
     if "rlnOpticsGroup" not in particles.columns or "rlnOpticsGroup" not in optics.columns:
         raise UserError(f"{src}: cannot match particles to optics groups (no rlnOpticsGroup)")
     table = dict(
         zip(
-            optics["rlnOpticsGroup"].astype(int), _numeric(optics[column], column, src), strict=True
+            optics["rlnOpticsGroup"].astype(int),
+            _numeric(optics[column], column, src, "optics group"),
+            strict=True,
         )
     )
     groups = particles["rlnOpticsGroup"].astype(int).to_numpy()
@@ -83,11 +87,25 @@ def _optics_value(
     return np.array([table[g] for g in groups], dtype=np.float64)
 
 
-def _numeric(series: pd.Series, column: str, src: str) -> np.ndarray:
-    """A column as float64, or a UserError naming it."""
+def check_numeric_columns(
+    table: pd.DataFrame, columns: list[str], src: str, row: str = "particle"
+) -> None:
+    """UserError naming the first ``row`` (particle, optics group) of ``src`` where one of
+    ``columns`` (those present) is not a finite number."""
+    for column in columns:
+        if column in table.columns:
+            _numeric(table[column], column, src, row)
+
+
+def _numeric(series: pd.Series, column: str, src: str, row: str = "particle") -> np.ndarray:
+    """A column as float64, or a UserError naming the row, the column and its value."""
     values = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64)
-    if np.isnan(values).any():
-        raise UserError(f"{src}: column {column} has missing or non-numeric values")
+    bad = ~np.isfinite(values)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise UserError(
+            f"{row} {i + 1} of {src}: {column} is {series.iloc[i]}, not a finite number"
+        )
     return values
 
 

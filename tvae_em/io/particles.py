@@ -20,15 +20,26 @@ import pandas as pd
 from ..ctf import CtfParams
 from ..errors import UserError
 from . import cs as csio
-from .ctf_columns import cryosparc_ctf_params, relion_ctf_params
+from .ctf_columns import (
+    CTF_COLUMNS,
+    check_numeric_columns,
+    cryosparc_ctf_params,
+    relion_ctf_params,
+)
 from .mrc import StackHeader, open_stack, read_header
-from .relion import origins_to_angstrom, pixel_size_from_relion30, relion30_to_31
+from .relion import (
+    origins_to_angstrom,
+    pixel_size_columns,
+    pixel_size_from_relion30,
+    relion30_to_31,
+)
 from .star import read_particles_star, write_star
 
 STAR_SUFFIXES = {".star"}
 CS_SUFFIXES = {".cs"}
 STACK_SUFFIXES = {".mrcs", ".mrc"}
 MAX_OPEN_STACKS = 64  # memory maps kept open per process (least recently used are closed)
+PIXEL_HINT = "drop such particles with tvae-em preprocess --skip-bad"
 
 
 class ParticleStack:
@@ -178,6 +189,21 @@ class ParticleStack:
         """(n,) resolved stack file of each particle."""
         return np.asarray(self.files, dtype=object)[self.file_index]
 
+    def describe(self, i: int) -> str:
+        """How messages name particle ``i`` (0-based): its number, image and stack file."""
+        file = self.files[self.file_index[i]]
+        return f"particle {i + 1} (image {self.image_index[i] + 1} of {file})"
+
+    def check_pixels(self, indices, images, hint: str = PIXEL_HINT) -> None:
+        """UserError naming the first of particles ``indices`` whose image (in ``images``,
+        (B, D, D) numpy or CPU torch) has NaN or Inf pixels."""
+        images = np.asarray(images)
+        bad = nonfinite_images(images)
+        if bad.any():
+            j = int(np.argmax(bad))
+            i = int(np.asarray(indices)[j])
+            raise UserError(f"{self.describe(i)} has {nonfinite_kind(images[j])} pixels; {hint}")
+
     def read(self, indices) -> np.ndarray:
         """Images of the given particles as float32 (B, D, D), in the order asked.
 
@@ -242,11 +268,16 @@ class StarStack(ParticleStack):
         particles, optics, kind = read_particles_star(path)
         names = particles["rlnImageName"].astype(str)
         index, stack_names = _split_image_names(names, path)
-        meta = (
-            _optics_pixel_size(particles, optics, path)
-            if optics is not None
-            else pixel_size_from_relion30(particles)
-        )
+        if optics is not None:
+            _check_optics_groups(particles, optics, path)
+            check_numeric_columns(optics, CTF_COLUMNS, str(path), "optics group")
+        check_numeric_columns(particles, CTF_COLUMNS, str(path))
+        if optics is not None:
+            meta = _optics_pixel_size(particles, optics, path, apix is None)
+        else:
+            meta = pixel_size_from_relion30(particles)
+            if apix is None:
+                _check_pixel_sizes(meta, particles, np.arange(len(particles)), path)
         return cls._build(
             path, kind, particles, optics, index, stack_names, [path.parent], datadir, meta, apix
         )
@@ -284,10 +315,17 @@ class CsStack(ParticleStack):
         arr = csio.read_cs(path)
         df = csio.cs_to_dataframe(arr)
         index = df["blob/idx"].to_numpy(np.int64)
+        check_numeric_columns(df, [*csio.CTF_PARTICLE_FIELDS, *csio.CTF_OPTICS_FIELDS], str(path))
         meta = None
         if "blob/psize_A" in df:
             meta = df["blob/psize_A"].to_numpy(np.float64)
-            meta = np.where(np.isfinite(meta) & (meta > 0), meta, np.nan)
+            bad = ~(np.isfinite(meta) & (meta > 0))
+            if bad.any() and apix is None:
+                i = int(np.argmax(bad))
+                raise UserError(
+                    f"particle {i + 1} of {path}: blob/psize_A is {meta[i]:g}, not a positive "
+                    "pixel size (fix the file or give --input-apix)"
+                )
         # cryoSPARC paths are relative to the project folder, usually the .cs file's grandparent.
         bases = [path.parent, path.parent.parent]
         stack = cls._build(
@@ -331,6 +369,18 @@ class MrcsStack(ParticleStack):
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+def nonfinite_images(images: np.ndarray) -> np.ndarray:
+    """(B,) bool: which images (B, D, D) have a NaN or Inf pixel (no image-sized temporaries:
+    NaN and Inf propagate to the per-image min and max)."""
+    flat = images.reshape(len(images), -1)
+    return ~(np.isfinite(flat.min(axis=1)) & np.isfinite(flat.max(axis=1)))
+
+
+def nonfinite_kind(image: np.ndarray) -> str:
+    """'NaN', 'Inf' or 'NaN/Inf': the kinds of non-finite pixels in one image."""
+    return "/".join(k for k, f in (("NaN", np.isnan), ("Inf", np.isinf)) if f(image).any())
+
+
 def _split_image_names(names: pd.Series, path: Path) -> tuple[np.ndarray, pd.Series]:
     """rlnImageName "N@stack" -> (0-based image index, stack name); a bare name means image 1."""
     parts = [name.partition("@") for name in names.tolist()]  # fast on millions of rows
@@ -399,30 +449,78 @@ def _check_indices(index: np.ndarray, codes: np.ndarray, headers: list[StackHead
         )
 
 
+def _check_optics_groups(particles: pd.DataFrame, optics: pd.DataFrame, path: Path) -> None:
+    """UserError naming the first particle (or optics row) whose rlnOpticsGroup is not a
+    number, or whose group is not in data_optics."""
+    if "rlnOpticsGroup" not in optics:
+        if "rlnOpticsGroup" in particles or len(optics) > 1:
+            raise UserError(f"the optics block of {path} has no rlnOpticsGroup column")
+        return
+    known = _group_numbers(optics["rlnOpticsGroup"], f"optics group {{}} of {path}")
+    if len(np.unique(known)) < len(known):
+        raise UserError(f"the optics block of {path} lists an rlnOpticsGroup more than once")
+    if "rlnOpticsGroup" not in particles:
+        if len(optics) > 1:
+            raise UserError(
+                f"{path} has several optics groups but no rlnOpticsGroup column in particles"
+            )
+        return
+    groups = _group_numbers(particles["rlnOpticsGroup"], f"particle {{}} of {path}")
+    unknown = ~np.isin(groups, known)
+    if unknown.any():
+        i = int(np.argmax(unknown))
+        raise UserError(
+            f"particle {i + 1} of {path} is in optics group {groups[i]:g}, not in data_optics"
+        )
+
+
+def _group_numbers(column: pd.Series, where: str) -> np.ndarray:
+    """rlnOpticsGroup values as numbers; UserError naming the first row that is not one."""
+    values = pd.to_numeric(column, errors="coerce").to_numpy(np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise UserError(f"{where.format(i + 1)}: rlnOpticsGroup is {column.iloc[i]}, not a number")
+    return values
+
+
 def _optics_pixel_size(
-    particles: pd.DataFrame, optics: pd.DataFrame, path: Path
+    particles: pd.DataFrame, optics: pd.DataFrame, path: Path, check: bool
 ) -> np.ndarray | None:
-    """Per-particle pixel size from the RELION 3.1 optics group of each particle."""
+    """Per-particle pixel size from the RELION 3.1 optics group of each particle (groups checked
+    by `_check_optics_groups`); with ``check``, UserError for a value that is not positive."""
     per_group = pixel_size_from_relion30(optics)
     if per_group is None:
         return None
     if "rlnOpticsGroup" not in particles:
-        if len(optics) == 1:
-            return np.full(len(particles), per_group[0])
-        raise UserError(
-            f"{path} has several optics groups but no rlnOpticsGroup column in particles"
-        )
-    if "rlnOpticsGroup" not in optics:
-        raise UserError(f"the optics block of {path} has no rlnOpticsGroup column")
-    lookup = pd.Series(per_group, index=optics["rlnOpticsGroup"].to_numpy())
-    groups = particles["rlnOpticsGroup"]
-    unknown = ~groups.isin(lookup.index).to_numpy()
-    if unknown.any():
-        i = int(np.argmax(unknown))
-        raise UserError(
-            f"particle {i + 1} of {path} is in optics group {groups.iloc[i]}, not in data_optics"
-        )
-    return lookup.reindex(groups.to_numpy()).to_numpy(np.float64)
+        rows = np.zeros(len(particles), np.int64)
+    else:
+        numbers = pd.to_numeric(optics["rlnOpticsGroup"]).to_numpy(np.float64)
+        lookup = pd.Series(np.arange(len(optics)), index=numbers)
+        rows = lookup.reindex(pd.to_numeric(particles["rlnOpticsGroup"]).to_numpy()).to_numpy()
+    meta = per_group[rows]
+    if check:
+        _check_pixel_sizes(meta, optics, rows, path, "its optics group")
+    return meta
+
+
+def _check_pixel_sizes(
+    meta: np.ndarray | None, table: pd.DataFrame, rows: np.ndarray, path: Path, owner: str = ""
+) -> None:
+    """UserError naming the first particle whose metadata pixel size (from ``table`` row
+    ``rows[i]``) is not a positive number."""
+    if meta is None:
+        return
+    bad = np.isnan(meta)
+    if not bad.any():
+        return
+    i = int(np.argmax(bad))
+    values = ", ".join(f"{c} {table[c].iloc[int(rows[i])]}" for c in pixel_size_columns(table))
+    whose = f"{owner} has " if owner else "has "
+    raise UserError(
+        f"particle {i + 1} of {path}: {whose}{values}, not a positive pixel size "
+        "(fix the file or give --input-apix)"
+    )
 
 
 def _settle_apix(meta, override, codes, headers, n) -> tuple[np.ndarray, str]:

@@ -11,21 +11,30 @@ OPTICS_FROM_PARTICLES = ["rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeCo
 STALE_PIXEL_SIZE = ["rlnMagnification", "rlnDetectorPixelSize"]
 
 
+def pixel_size_columns(table: pd.DataFrame) -> list[str] | None:
+    """The columns a RELION 3.0 table's pixel size comes from, or None when it has none."""
+    if "rlnImagePixelSize" in table:
+        return ["rlnImagePixelSize"]
+    if {"rlnDetectorPixelSize", "rlnMagnification"} <= set(table.columns):
+        return ["rlnDetectorPixelSize", "rlnMagnification"]
+    return None
+
+
 def pixel_size_from_relion30(particles: pd.DataFrame) -> np.ndarray | None:
     """Per-particle pixel size (Angstrom) of a RELION 3.0 table, or None when it has none.
 
     RELION 3.0: rlnDetectorPixelSize (micrometre) * 1e4 / rlnMagnification. A non-standard
-    per-particle rlnImagePixelSize is accepted too. Non-positive values become NaN.
+    per-particle rlnImagePixelSize is accepted too. Values that are not positive numbers become
+    NaN (`ParticleStack.open` refuses them, naming the particle).
     """
-    if "rlnImagePixelSize" in particles:
-        apix = particles["rlnImagePixelSize"].to_numpy(np.float64)
-    elif {"rlnDetectorPixelSize", "rlnMagnification"} <= set(particles.columns):
-        det = particles["rlnDetectorPixelSize"].to_numpy(np.float64)
-        mag = particles["rlnMagnification"].to_numpy(np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            apix = det * 1e4 / mag
-    else:
+    columns = pixel_size_columns(particles)
+    if columns is None:
         return None
+    values = [pd.to_numeric(particles[c], errors="coerce").to_numpy(np.float64) for c in columns]
+    apix = values[0]
+    if len(values) == 2:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            apix = values[0] * 1e4 / values[1]
     return np.where(np.isfinite(apix) & (apix > 0), apix, np.nan)
 
 

@@ -44,7 +44,14 @@ def read_star(path: str | os.PathLike) -> dict[str, pd.DataFrame]:
             blocks = starfile.read(path, always_dict=True, parse_as_string=NAME_COLUMNS)
     except Exception as e:  # starfile raises assorted parser errors on malformed files
         raise UserError(f"cannot parse star file {path}: {e}") from None
-    return {name: b for name, b in blocks.items() if isinstance(b, pd.DataFrame)}
+    tables = {name: b for name, b in blocks.items() if isinstance(b, pd.DataFrame)}
+    for name, table in tables.items():
+        repeated = table.columns[table.columns.duplicated()]
+        if len(repeated):
+            raise UserError(
+                f"star file {path}: column {repeated[0]} appears more than once in data_{name}"
+            )
+    return tables
 
 
 def read_particles_star(path: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame | None, str]:

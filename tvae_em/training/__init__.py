@@ -5,6 +5,7 @@ options and prints. A run is reproducible: batches are fixed by (seed, epoch) an
 checkpointed, so a resumed run continues to the same result as an uninterrupted one.
 """
 
+from ..errors import UserError
 from .loop import TrainingDiverged, TrainResult, fit
 from .options import TrainOptions, parse_t_sd
 from .setup import TrainingSetup, prepare
@@ -17,7 +18,14 @@ def train(opts: TrainOptions, resume: bool = False, explicit=None, progress=None
     ``advance(n)``); ``log`` receives each log line. Returns a `TrainResult`.
     """
     setup = prepare(opts, resume=resume, explicit=explicit or set())
-    return fit(setup, progress=progress, log=log)
+    try:
+        result = fit(setup, progress=progress, log=log)
+    except UserError:  # bad input found while training (e.g. NaN pixels)
+        setup.release(failed=True)
+        raise
+    finally:
+        setup.release()
+    return result
 
 
 __all__ = [

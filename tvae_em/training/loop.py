@@ -118,9 +118,12 @@ def fit(
                     )
     except KeyboardInterrupt:
         interrupted = True
+        kept = s.run.checkpoint_path("last").exists()
         say(
             f"interrupted in epoch {epoch}; the last checkpoint is kept: "
             f"resume with --resume {s.run.path}"
+            if kept
+            else f"interrupted in epoch {epoch}, before the first checkpoint: nothing to resume"
         )
     except TrainingDiverged as e:
         say(str(e))

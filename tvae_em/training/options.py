@@ -43,6 +43,35 @@ class TrainOptions:
     band_epochs: float | None = None
     model_overrides: dict[str, Any] = field(default_factory=dict)
 
+    def check(self) -> None:
+        """UserError naming the first impossible option that needs no data; `prepare` runs it
+        first (the batch size and the model settings are checked against the data next, still
+        before anything is created)."""
+        from ..data import check_num_workers
+        from ..runtime import check_seed
+
+        positive = [
+            ("--lr", self.lr),
+            ("--tau", self.tau),
+            ("--r-prior-sd", self.r_prior_sd_deg),
+        ]
+        for option, value in positive:
+            if not _is_number(value) or not (math.isfinite(value) and value > 0):
+                raise UserError(f"{option} {value}: must be a positive number")
+        for option, value in (
+            ("--epochs", self.epochs),
+            ("--checkpoint-every", self.checkpoint_every),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"{option} {value}: must be at least 1")
+        fraction = self.pixel_fraction
+        if fraction is not None and not (_is_number(fraction) and 0 < fraction <= 1):
+            raise UserError(f"--pixel-fraction {fraction}: must be in (0, 1]")
+        check_num_workers(self.num_workers)
+        check_seed(self.seed)
+        parse_t_sd(self.t_sd, box=1, apix=1.0)  # the form only; the value needs the data
+        check_band_options(self)
+
 
 RENDERER_CHOICES = ("auto", "real", "fourier")
 
@@ -71,7 +100,7 @@ def band_schedule(opts: TrainOptions, renderer: str) -> BandSchedule:
     return BandSchedule(opts.band_start, epochs)
 
 
-def check_options(opts: TrainOptions) -> None:
+def check_band_options(opts: TrainOptions) -> None:
     """UserError for impossible renderer and schedule options (before anything is created)."""
     if opts.renderer not in RENDERER_CHOICES:
         raise UserError(f"--renderer {opts.renderer}: choose from {', '.join(RENDERER_CHOICES)}")
@@ -114,7 +143,9 @@ def model_config(opts: TrainOptions, stack) -> dict[str, Any]:
     apix = float(np.median(stack.apix))
     likelihood = opts.likelihood
     if likelihood == "auto":
-        sample = stack.read(np.arange(min(len(stack), 64)))
+        idx = np.arange(min(len(stack), 64))
+        sample = stack.read(idx)
+        stack.check_pixels(idx, sample)
         likelihood = choose_likelihood(torch.from_numpy(sample))
     renderer = opts.renderer
     if renderer == "auto":
@@ -135,3 +166,7 @@ def model_config(opts: TrainOptions, stack) -> dict[str, Any]:
         cfg["pixel_fraction"] = opts.pixel_fraction
     cfg.update(opts.model_overrides)
     return cfg
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

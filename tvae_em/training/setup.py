@@ -12,9 +12,12 @@ from ..ctf import CtfParams
 from ..data import Normalisation, estimate_normalisation
 from ..errors import UserError
 from ..io import ParticleStack
-from ..run import RunFolder, run_config
+from ..run import RunFolder, RunLock, read_metrics, run_config
 from ..runtime import distributed_env, resolve_device, seed_everything, set_rng_state
-from .options import BandSchedule, TrainOptions, band_schedule, check_options, model_config
+from .options import BandSchedule, TrainOptions, band_schedule, model_config
+
+# What a checkpoint must hold to be resumed.
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_loss", "rng", "model_config")
 
 
 @dataclass
@@ -38,18 +41,33 @@ class TrainingSetup:
     best_loss: float
     rank: int
     world: int
+    lock: RunLock | None = None  # rank 0's hold of the run folder
+    created: bool = False  # whether this session made the run folder
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def release(self, failed: bool = False) -> None:
+        """Give up the run folder; after a failure, a folder this session made and that holds
+        no checkpoint is removed (nothing is left behind)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        if failed and self.created and self.is_main:
+            self.run.discard()
+
 
 def prepare(opts: TrainOptions, resume: bool = False, explicit: set[str] | None = None):
     """Check the input and options, create (or check for resume) the run folder, build or restore
-    model, optimizer and scheduler, and write config.json. Returns a `TrainingSetup`."""
+    model, optimizer and scheduler, and write config.json. Returns a `TrainingSetup`.
+
+    Every check runs before the folder is created or config.json rewritten; the folder is then
+    held (`RunFolder.hold`) until `TrainingSetup.release`.
+    """
     from ..model import ModelConfig, TargetVAE
 
-    check_options(opts)
+    opts.check()
     rank, world, local_rank = distributed_env()
     run = RunFolder(opts.out_dir)
     device = resolve_device(opts.device)
@@ -58,34 +76,51 @@ def prepare(opts: TrainOptions, resume: bool = False, explicit: set[str] | None 
 
     stack = ParticleStack.open(opts.input, datadir=opts.datadir, apix=opts.input_apix)
     _check_inputs(opts, stack)
-    ckpt = _resume_checkpoint(run, opts, stack, explicit or set()) if resume else None
-    if ckpt is None and rank == 0:
-        run.create()
-
-    if ckpt is not None:
-        cfg = ckpt["model_config"]
-        norm = Normalisation(**ckpt["normalisation"])
+    explicit = explicit or set()
+    if resume:
+        run.check_resume(run.saved_options(), asdict(opts), explicit)
+        if not run.checkpoint_path("last").exists():
+            raise UserError(f"--resume {run.path}: no checkpoint to resume from")
     else:
         seed_everything(opts.seed)
         cfg = model_config(opts, stack)
-        norm = (
-            estimate_normalisation(stack, seed=opts.seed)
-            if cfg["likelihood"] == "gaussian"
-            else Normalisation()
-        )
-    seed_everything(opts.seed)
-    model = TargetVAE(ModelConfig(**cfg)).to(device)
-    optim = torch.optim.Adam(model.parameters(), lr=opts.lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optim, factor=0.5, patience=10)
-    start_epoch, best = 0, math.inf
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optim.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        start_epoch, best = int(ckpt["epoch"]), float(ckpt["best_loss"])
-        set_rng_state(ckpt["rng"])
-
+        ModelConfig(**cfg)  # every model setting checked before the folder is made
     ctf = _ctf_params(opts, stack)
+
+    created = rank == 0 and not resume and not run.path.exists()
+    lock = None
+    try:
+        if rank == 0:
+            if not resume:
+                run.create()
+            lock = run.hold()
+        ckpt = _resume_checkpoint(run, opts, stack, explicit) if resume else None
+        if ckpt is None and rank == 0:
+            run.check_new()
+        if ckpt is not None:
+            cfg = ckpt["model_config"]
+            norm = Normalisation(**ckpt.get("normalisation", {}))
+        else:
+            norm = (
+                estimate_normalisation(stack, seed=opts.seed)
+                if cfg["likelihood"] == "gaussian"
+                else Normalisation()
+            )
+        seed_everything(opts.seed)
+        model = TargetVAE(ModelConfig(**cfg)).to(device)
+        optim = torch.optim.Adam(model.parameters(), lr=opts.lr)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optim, factor=0.5, patience=10)
+        start_epoch, best = 0, math.inf
+        if ckpt is not None:
+            _restore(run, ckpt, model, optim, sched)
+            start_epoch, best = int(ckpt["epoch"]), float(ckpt["best_loss"])
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        if created:
+            run.discard()
+        raise
+
     train_model: torch.nn.Module = model
     if world > 1:
         train_model = _init_ddp(model, device)
@@ -122,6 +157,8 @@ def prepare(opts: TrainOptions, resume: bool = False, explicit: set[str] | None 
         best_loss=best,
         rank=rank,
         world=world,
+        lock=lock,
+        created=created,
     )
 
 
@@ -134,21 +171,46 @@ def _check_inputs(opts: TrainOptions, stack: ParticleStack) -> None:
             f"--batch-size {opts.batch_size}: must be between 1 and the {n} particles "
             f"of {opts.input}"
         )
-    if opts.epochs < 1:
-        raise UserError(f"--epochs {opts.epochs}: must be at least 1")
 
 
 def _resume_checkpoint(
     run: RunFolder, opts: TrainOptions, stack: ParticleStack, explicit: set[str]
 ) -> dict[str, Any]:
-    """The last checkpoint of the run to resume, after checking options and data against it."""
-    run.check_resume(run.saved_options(), asdict(opts), explicit)
-    if not run.checkpoint_path("last").exists():
-        raise UserError(f"--resume {run.path}: no checkpoint to resume from")
+    """The last checkpoint of the run to resume (verified), after checking the data, the epochs
+    and metrics.csv against it."""
     ckpt = run.load_checkpoint("last", "cpu")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(
+            f"{run.checkpoint_path('last')}: not a training checkpoint (no {', '.join(missing)}); "
+            "it cannot be resumed"
+        )
     if ckpt.get("fingerprint") != stack.fingerprint():
         raise UserError(f"--resume {run.path}: the run was trained on other data than {opts.input}")
+    done = int(ckpt.get("epoch", 0))
+    if opts.epochs <= done:
+        given = f"--epochs {opts.epochs}" if "epochs" in explicit else f"--resume {run.path}"
+        raise UserError(
+            f"{given}: the run has already trained {done} epochs; give --epochs larger than "
+            f"{done} to continue it"
+        )
+    if run.metrics_path.exists():
+        read_metrics(run.metrics_path)
     return ckpt
+
+
+def _restore(run: RunFolder, ckpt: dict[str, Any], model, optim, sched) -> None:
+    """Load the states of a checkpoint into model, optimizer, scheduler and the RNGs."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        optim.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise UserError(
+            f"{run.checkpoint_path('last')}: checkpoint does not match this version of tvae-em "
+            f"({type(e).__name__}); resume with the version that wrote it"
+        ) from None
 
 
 def _ctf_params(opts: TrainOptions, stack: ParticleStack) -> CtfParams | None:
