@@ -2,7 +2,7 @@
 
 A randomly initialised default model (ModelConfig(box=BOX) defaults) is saved as a run folder and
 N synthetic glyph particles as a RELION 3.1 star + stack, in a temporary folder; embed_particles
-then runs on each device (cpu, and cuda when present), with and without the per-particle ELBO.
+then runs on each device (cpu, and cuda when present), with and without the per-particle ELBO (with the CTF), for each renderer.
 Speed does not depend on the weights, so an untrained model measures what a trained one would.
 
     python benchmarks/bench_embed.py --n 512 --box 64 --batch-size 64
@@ -11,10 +11,12 @@ Speed does not depend on the weights, so an untrained model measures what a trai
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -22,21 +24,23 @@ from tvae_em.embed import EmbedOptions, embed_particles
 from tvae_em.io import write_stack, write_star
 from tvae_em.model import ModelConfig, TargetVAE
 from tvae_em.run import RunFolder
-from tvae_em.synthetic import glyphs, star_blocks
+from tvae_em.synthetic import glyphs, random_ctf_params, star_blocks
 
 
-def make_run(folder: Path, box: int) -> Path:
-    """A run folder holding an untrained default model for `box`."""
-    RunFolder(folder).save_model(TargetVAE(ModelConfig(box=box)), {"ctf": "off"})
+def make_run(folder: Path, box: int, renderer: str) -> Path:
+    """A run folder holding an untrained default model for `box`, trained "with the CTF"."""
+    model = TargetVAE(ModelConfig(box=box, renderer=renderer))
+    RunFolder(folder).save_model(model, {"ctf": "on"}, ctf=True)
     return folder
 
 
 def make_particles(folder: Path, n: int, box: int) -> Path:
-    """n glyph particles in folder/p.mrcs with a RELION 3.1 star folder/p.star."""
+    """n glyph particles in folder/p.mrcs with a RELION 3.1 star (with defocus) folder/p.star."""
     folder.mkdir(parents=True, exist_ok=True)
     images, _ = glyphs(n, box=box, seed=0)
     write_stack(folder / "p.mrcs", [images], n, box, 2.0)
-    write_star(folder / "p.star", star_blocks(n, box, 2.0, "p.mrcs"))
+    params = random_ctf_params(n, np.random.default_rng(0))
+    write_star(folder / "p.star", star_blocks(n, box, 2.0, "p.mrcs", params))
     return folder / "p.star"
 
 
@@ -45,33 +49,34 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        run_dir = make_run(root / "run", args.box)
         star = make_particles(root / "data", args.n, args.box)
-        for device in devices:
-            for with_elbo in (False, True):
-                out = root / f"out_{device}_{with_elbo}.star"
-                t0 = time.perf_counter()
-                opts = EmbedOptions(
-                    run_dir,
-                    star,
-                    out,
-                    batch_size=args.batch_size,
-                    device=device,
-                    with_elbo=with_elbo,
-                )
-                s = embed_particles(opts)
-                total = time.perf_counter() - t0
-                rows.append(
-                    {
-                        "device": device,
-                        "elbo": with_elbo,
-                        "n": s.n,
-                        "box": args.box,
-                        "batch": args.batch_size,
-                        "inference_particles_per_s": round(s.particles_per_s, 1),
-                        "command_particles_per_s": round(s.n / total, 1),
-                    }
-                )
+        runs = {r: make_run(root / f"run_{r}", args.box, r) for r in args.renderers}
+        for device, renderer, with_elbo in itertools.product(devices, runs, (False, True)):
+            run_dir = runs[renderer]
+            out = root / f"out_{device}_{renderer}_{with_elbo}.star"
+            t0 = time.perf_counter()
+            opts = EmbedOptions(
+                run_dir,
+                star,
+                out,
+                batch_size=args.batch_size,
+                device=device,
+                with_elbo=with_elbo,
+            )
+            s = embed_particles(opts)
+            total = time.perf_counter() - t0
+            rows.append(
+                {
+                    "device": device,
+                    "renderer": renderer,
+                    "elbo": with_elbo,
+                    "n": s.n,
+                    "box": args.box,
+                    "batch": args.batch_size,
+                    "inference_particles_per_s": round(s.particles_per_s, 1),
+                    "command_particles_per_s": round(s.n / total, 1),
+                }
+            )
     return rows
 
 
@@ -81,6 +86,7 @@ def main() -> None:
     parser.add_argument("--box", type=int, default=64, help="image size (px)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--renderers", nargs="+", default=["real", "fourier"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
