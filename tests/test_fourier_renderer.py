@@ -181,3 +181,28 @@ def test_hermitian_symmetry_of_the_spectral_generator():
     torch.testing.assert_close(re, re2)
     torch.testing.assert_close(im, -im2)
     assert (im[:, 0] == 0).all() and im[:, 1:].abs().max() > 0
+
+
+def test_embed_and_generate_run_on_a_fourier_model(tmp_path):
+    """The whole pipeline after training with the Fourier renderer, CTF included."""
+    from conftest import make_run_folder, write_particle_set
+
+    from tvae_em.embed import EmbedOptions, embed_particles
+    from tvae_em.generate import GenerateOptions, generate_figures
+    from tvae_em.synthetic import glyphs, random_ctf_params
+
+    images, _ = glyphs(12, box=16, seed=1, n_classes=2)
+    params = random_ctf_params(12, np.random.default_rng(0))
+    defocus = {"rlnDefocusU": params.dfu_A, "rlnDefocusV": params.dfv_A,
+               "rlnDefocusAngle": params.dfang_deg}  # fmt: skip
+    star = write_particle_set(tmp_path / "d", images * 2 - 1, 2.0, extra=defocus)
+    run = make_run_folder(tmp_path / "run", 16, ctf=True, renderer="fourier")
+    embed_particles(EmbedOptions(run, star, tmp_path / "e.star", classes=2))
+    npz = np.load(tmp_path / "e.npz")
+    assert np.isfinite(npz["elbo"]).all() and np.isfinite(npz["z_mu"]).all()
+    s = generate_figures(
+        GenerateOptions(
+            run, tmp_path / "f", embedding=tmp_path / "e.npz", particles=star, n_steps=3, n_recon=2
+        )  # fmt: skip
+    )
+    assert {"reconstructions.png", "class_averages.mrcs"} <= {p.name for p in s.outputs}
