@@ -82,6 +82,13 @@ from .options import (
     "(real). auto: fourier for the gaussian likelihood, real for bernoulli.",
 )
 @click.option(
+    "--generator-hidden",
+    type=int,
+    default=512,
+    show_default=True,
+    help="Width of the generator's hidden layers (its cost grows with the square).",
+)
+@click.option(
     "--band-start",
     type=float,
     default=0.3,

@@ -80,7 +80,7 @@ class ModelConfig:
             (self.encoder_hidden_fields >= 1, "encoder_hidden_fields must be >= 1"),
             (self.encoder_layers >= 0, "encoder_layers must be >= 0"),
             (self.attention_gain > 0, "attention_gain must be > 0"),
-            (self.generator_hidden >= 1, "generator_hidden must be >= 1"),
+            (self.generator_hidden >= 1, "--generator-hidden must be >= 1"),
             (self.generator_layers >= 1, "generator_layers must be >= 1"),
             (self.fourier_features >= 1, "fourier_features must be >= 1"),
             (self.fourier_scale_px > 0, "fourier_scale_px must be > 0"),

@@ -39,6 +39,7 @@ class TrainOptions:
     datadir: str | None = None
     input_apix: float | None = None
     renderer: str = "auto"
+    generator_hidden: int = 512
     band_start: float = 0.3
     band_epochs: float | None = None
     model_overrides: dict[str, Any] = field(default_factory=dict)
@@ -153,6 +154,7 @@ def model_config(opts: TrainOptions, stack) -> dict[str, Any]:
     cfg = {
         "box": box,
         "renderer": renderer,
+        "generator_hidden": opts.generator_hidden,
         "z_dim": opts.z_dim,
         "rotations": opts.rotations,
         "t_sd_px": parse_t_sd(opts.t_sd, box, apix),
