@@ -2,7 +2,8 @@
 
 A randomly initialised default model (ModelConfig(box=BOX) defaults) is saved as a run folder and
 N synthetic glyph particles as a RELION 3.1 star + stack, in a temporary folder; embed_particles
-then runs on each device (cpu, and cuda when present), with and without the per-particle ELBO (with the CTF), for each renderer.
+then runs on each device (cpu, and cuda when present), for each renderer, with and without the
+per-particle ELBO (with the CTF: the star has defocus and the run says it was trained with it).
 Speed does not depend on the weights, so an untrained model measures what a trained one would.
 
     python benchmarks/bench_embed.py --n 512 --box 64 --batch-size 64
