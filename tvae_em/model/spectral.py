@@ -19,21 +19,20 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..fourier import centred_irfft2, centred_rfft2, half_plane_frequencies
 from ..geometry import rotation_matrix
+from .generator import CoordinateNetwork
 
-LEAKY_SLOPE = 0.01
 NYQUIST = 0.5  # cycles per pixel
 
 
-class SpectralGenerator(nn.Module):
+class SpectralGenerator(CoordinateNetwork):
     """G(u, z): the object's spectrum at frequency coordinates u (B, P, 2) -> (re, im) (B, P) each.
 
-    The same shape of network as the real-space generator (random Fourier features, z injected
-    linearly, LeakyReLU MLP), with two outputs. The features of a frequency are cos(W u + b) with
+    The real-space generator's network (`CoordinateNetwork`: random Fourier features, z injected
+    linearly, LeakyReLU MLP) with two outputs. The features of a frequency are cos(W u + b) with
     W = pi * (positions in pixels): plane waves in u, i.e. point sources in the object. Hermitian
     symmetry, G(-u) = conj G(u) (a real object), holds exactly: the network is evaluated on the
     canonical half plane (u_y > 0, or u_y = 0 and u_x >= 0) and conjugated on the other half; the
@@ -49,28 +48,15 @@ class SpectralGenerator(nn.Module):
         features: int = 256,
         extent_px: float | None = None,
     ):
-        super().__init__()
         extent = 0.25 * box if extent_px is None else extent_px  # sd of the feature positions
-        self.freq = nn.Parameter(torch.randn(features, 2) * (math.pi * extent))  # (F, 2)
-        self.phase = nn.Parameter(torch.rand(features) * 2 * math.pi)  # (F,)
-        self.coord = nn.Linear(features, hidden)
-        self.latent = nn.Linear(z_dim, hidden, bias=False)
-        body: list[nn.Module] = []
-        for _ in range(layers - 1):
-            body += [nn.Linear(hidden, hidden), nn.LeakyReLU(LEAKY_SLOPE, inplace=True)]
-        body.append(nn.Linear(hidden, 2))
-        self.body = nn.Sequential(*body)
+        super().__init__(z_dim, hidden, layers, features, 2, math.pi * extent)
 
     def forward(self, u: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(u.device.type, enabled=False):
             u = u.float()
             flip = (u[..., 1] < 0) | ((u[..., 1] == 0) & (u[..., 0] < 0))  # (B, P)
             uc = torch.where(flip[..., None], -u, u)
-            feats = torch.cos(torch.matmul(uc, self.freq.T) + self.phase)  # (B, P, F)
-        h = F.linear(feats, self.coord.weight)  # (B, P, H)
-        h += (self.coord.bias + self.latent(z))[:, None, :]
-        h = F.leaky_relu(h, LEAKY_SLOPE, inplace=True)
-        out = self.body(h).float()  # (B, P, 2)
+        out = self.network(uc, z).float()  # (B, P, 2)
         re, im = out[..., 0], out[..., 1]
         dc = (u == 0).all(-1)
         im = torch.where(flip, -im, torch.where(dc, torch.zeros_like(im), im))
