@@ -19,7 +19,7 @@ import torch
 
 from . import figures
 from .clustering import assign_classes
-from .ctf import batch_ctf
+from .ctf import CtfParams, batch_ctf
 from .data import BatchDataset, Normalisation, epoch_batches, make_loader
 from .errors import UserError
 from .fourier import apply_ctf, phase_flip
@@ -285,7 +285,7 @@ def plane_figure(path: Path, model, axes: LatentAxes, dims, steps, size, device)
 
 
 def reconstruction_figure(
-    path: Path, trained: TrainedModel, stack, n_recon, size, use_ctf, device
+    path: Path, trained: TrainedModel, stack, n_recon, size, ctf: CtfParams | None, device
 ) -> None:
     """Particles (top) beside the generator at their inferred pose (below; x CTF if trained so)."""
     model = trained.model
@@ -301,8 +301,8 @@ def reconstruction_figure(
     t = out["t"].cpu().numpy() * size / box
     rows = [list(y.cpu().numpy()), list(render(model, z, size, theta, t, device))]
     labels = ["particle", "model"]
-    if use_ctf:
-        rows.append(list(_with_ctf(np.stack(rows[1]), stack, idx, size)))
+    if ctf is not None:
+        rows.append(list(_with_ctf(np.stack(rows[1]), stack, ctf, idx, size)))
         labels.append("model x CTF")
     psi, _ = relion_pose(theta, out["t"].cpu().numpy(), stack.apix[idx])
     figures.image_grid(
@@ -315,10 +315,10 @@ def reconstruction_figure(
     )
 
 
-def _with_ctf(images: np.ndarray, stack, idx: np.ndarray, size: int) -> np.ndarray:
+def _with_ctf(images: np.ndarray, stack, ctf: CtfParams, idx: np.ndarray, size: int) -> np.ndarray:
     """Images (n, size, size) multiplied by their particles' CTFs (pixel size scaled to size)."""
-    ctf = batch_ctf(stack.ctf_params(), stack.apix * stack.box / size, idx, size)
-    return apply_ctf(torch.from_numpy(images), ctf).numpy()
+    c = batch_ctf(ctf, stack.apix * stack.box / size, idx, size)
+    return apply_ctf(torch.from_numpy(images), c).numpy()
 
 
 def class_average_outputs(folder: Path, averages, counts, apix: float) -> list[Path]:
@@ -408,7 +408,8 @@ def generate_figures(
         else None
     )
     labels = _class_labels(emb, opts.classes, opts.seed) if emb is not None else None
-    use_ctf = stack is not None and trained.uses_ctf(stack) and stack.ctf_params() is not None
+    # the particles' CTFs (parsed once) when the run was trained with them
+    ctf = stack.ctf_params() if stack is not None and trained.uses_ctf(stack) else None
     try:
         check_writable_dir(opts.out_dir)
     except UserError as e:
@@ -424,9 +425,7 @@ def generate_figures(
             plane_figure(summary.outputs[-1], model, axes, chosen, steps, size, dev)
         if stack is not None:
             summary.outputs.append(folder / "reconstructions.png")
-            reconstruction_figure(
-                summary.outputs[-1], trained, stack, opts.n_recon, size, use_ctf, dev
-            )
+            reconstruction_figure(summary.outputs[-1], trained, stack, opts.n_recon, size, ctf, dev)
         else:
             summary.notes.append("reconstructions need --particles")
         if emb is None:
@@ -441,7 +440,7 @@ def generate_figures(
         if emb is not None and stack is None:
             summary.notes.append("class averages need --particles (the star that was embedded)")
         elif emb is not None:
-            flip = _flip_function(stack) if use_ctf else None
+            flip = _flip_function(stack, ctf) if ctf is not None else None
             with progress(len(stack), "class averages") as advance:
                 averages, counts = class_averages(
                     stack,
@@ -459,7 +458,7 @@ def generate_figures(
     return summary
 
 
-def _flip_function(stack: ParticleStack) -> Callable[[np.ndarray], torch.Tensor]:
+def _flip_function(stack: ParticleStack, params: CtfParams) -> Callable[[np.ndarray], torch.Tensor]:
     """idx -> (B, D, D) CTFs of those particles (their signs phase-flip the images)."""
-    params, apix = stack.ctf_params(), stack.apix
+    apix = stack.apix
     return lambda idx: batch_ctf(params, apix, idx, stack.box)
