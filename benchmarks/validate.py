@@ -151,7 +151,7 @@ def score_embedding(
         out["rot_cc_raw"] = out["rot_cc"]
         out["rot_cc_class_raw"] = out["rot_cc_class_mean"]
         out.update(paper)
-    rx, ry = shift_correlation(np.asarray(emb["t_px"]), true_t)
+    rx, ry = shift_correlation(np.asarray(emb["shift_px"]), true_t)
     out.update(shift_r_x=rx, shift_r_y=ry)
     z_mu, z_sd = np.asarray(emb["z_mu"]), np.asarray(emb["z_sd"])
     kmeans_labels = None
@@ -205,7 +205,7 @@ def class_average_scores(
         def flip(idx: np.ndarray) -> torch.Tensor:
             return batch_ctf(params, apix, idx, stack.box)
 
-    theta, t = np.asarray(emb["theta_rad"]), np.asarray(emb["t_px"])
+    theta, t = np.asarray(emb["theta_rad"]), np.asarray(emb["shift_px"])
     true_labels = truth["class"].to_numpy()
     scale = stack.box / sim_box  # the truth is in pixels of the simulated (template) box
     true_pose = (truth["theta_rad"].to_numpy(), truth[["tx_px", "ty_px"]].to_numpy() * scale)
@@ -229,7 +229,9 @@ def class_average_scores(
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:
     with np.load(path) as d:
-        return {k: d[k] for k in d.files}
+        out = {k: d[k] for k in d.files}
+    out.setdefault("shift_px", out["t_px"])  # embedded before re-centring: the template frame
+    return out
 
 
 # ---------------------------------------------------------------------------------- suites

@@ -131,9 +131,18 @@ def test_new_columns_have_documented_units(data):
     assert ((psi > -180) & (psi <= 180)).all()
     np.testing.assert_allclose(psi, wrap_degrees(-np.degrees(z["theta_rad"])), atol=1e-6)
     apix = np.where(p["rlnOpticsGroup"] == 1, 2.0, 2.5)  # each particle's own group
-    np.testing.assert_allclose(p["rlnOriginXAngst"], -z["t_px"][:, 0] * apix, atol=1e-6)
-    np.testing.assert_allclose(p["rlnOriginYAngst"], -z["t_px"][:, 1] * apix, atol=1e-6)
+    np.testing.assert_allclose(p["rlnOriginXAngst"], -z["shift_px"][:, 0] * apix, atol=1e-6)
+    np.testing.assert_allclose(p["rlnOriginYAngst"], -z["shift_px"][:, 1] * apix, atol=1e-6)
+    # re-centred (--recentre class): shift = t + R(theta) c with one centre c per class
+    th, c = z["theta_rad"], z["centre_px"]
+    rc = np.stack(
+        [np.cos(th) * c[:, 0] - np.sin(th) * c[:, 1], np.sin(th) * c[:, 0] + np.cos(th) * c[:, 1]],
+        1,
+    )
+    np.testing.assert_allclose(z["shift_px"], z["t_px"] + rc, atol=1e-9)
     classes = p["rlnClassNumber"].to_numpy()
+    for k in set(classes):
+        assert np.ptp(c[classes == k], axis=0).max() < 1e-9
     assert set(classes) <= {1, 2, 3} and pd.api.types.is_integer_dtype(p["rlnClassNumber"])
     sizes = np.bincount(classes, minlength=4)[1:]
     assert (np.diff(sizes) <= 0).all()  # class 1 is the largest
@@ -246,7 +255,7 @@ def test_relion30_input_is_written_as_31(tmp_path):
     p = out["particles"]
     assert "rlnOriginX" not in p and "rlnOriginY" not in p
     z = np.load(tmp_path / "o.npz")
-    np.testing.assert_allclose(p["rlnOriginXAngst"], -z["t_px"][:, 0] * 2.0, atol=1e-6)
+    np.testing.assert_allclose(p["rlnOriginXAngst"], -z["shift_px"][:, 0] * 2.0, atol=1e-6)
 
 
 def test_original_rows_matched_after_skipped_particles(data, tmp_path):

@@ -101,3 +101,22 @@ def test_template_centre_is_the_positive_centroid():
     model.generator = BlobGenerator([0.25, -0.125])  # (x, y) = (+4, -2) px at box 32
     centre = model.template_centre(torch.zeros(2, 2))
     torch.testing.assert_close(centre, torch.tensor([[4.0, -2.0]] * 2), atol=0.05, rtol=0)
+
+
+class NegatedGenerator(torch.nn.Module):
+    """A generator's output with the contrast reversed (a dark object on a light background)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, z):
+        return 1.0 - self.inner(x, z)
+
+
+def test_template_centre_of_a_dark_object():
+    box = 32
+    model = smooth_model(box)
+    model.generator = NegatedGenerator(BlobGenerator([-0.25, 0.375]))  # (-4, +6) px
+    centre = model.template_centre(torch.zeros(1, 2))
+    torch.testing.assert_close(centre, torch.tensor([[-4.0, 6.0]]), atol=0.05, rtol=0)

@@ -25,7 +25,7 @@ from .export import (
     plan_outputs,
     write_outputs,
 )
-from .inference import run_inference
+from .inference import class_mean_centres, object_centres, run_inference
 from .io import ParticleStack
 from .progress import ProgressFactory, no_progress
 from .run import RunFolder, TrainedModel
@@ -52,6 +52,10 @@ class EmbedOptions:
     with_elbo: bool = True
     checkpoint: str = "last"
     seed: int = 0
+    recentre: str = "class"
+
+
+RECENTRE_MODES = ("class", "particle", "none")
 
 
 @dataclass
@@ -92,6 +96,8 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
         raise UserError(
             f"--classes {opts.classes}: must be between 1 and the {n} particles of {input}"
         )
+    if opts.recentre not in RECENTRE_MODES:
+        raise UserError(f"--recentre {opts.recentre}: must be one of {', '.join(RECENTRE_MODES)}")
     if opts.batch_size < 1:
         raise UserError(f"--batch-size {opts.batch_size}: must be at least 1")
     orig, rows = (
@@ -121,6 +127,7 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
     emb.apix, emb.box = apix, stack.box
     if opts.classes:
         emb.labels = assign_classes(emb.z_mu, opts.classes, opts.seed)
+    emb.centre = _centres(model, emb, opts.recentre, dev)
     new = embedding_columns(emb)
     tables: dict[str, object] = {
         "star": particle_star_tables(stack, new, plan.star),
@@ -134,6 +141,17 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
         tables["cs"] = cs_table(target, emb, target_rows)
     write_outputs(plan, tables)
     return EmbedSummary(n, seconds, str(dev), outputs=plan.paths(), classes=opts.classes)
+
+
+def _centres(model, emb, mode: str, device) -> np.ndarray | None:
+    """Object centres in the template frame (n, 2) for `mode` (docs/outputs.md, re-centring):
+    per class (its particles' mean; per particle without classes), per particle, or none."""
+    if mode == "none":
+        return None
+    centres = object_centres(model, emb.z_mu, device)
+    if mode == "class" and emb.labels is not None:
+        return class_mean_centres(centres, emb.labels)
+    return centres
 
 
 def _check_box(stack, trained: TrainedModel, input_path: str, run_dir: str) -> None:

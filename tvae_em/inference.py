@@ -36,6 +36,7 @@ class Embedding:
     labels: np.ndarray | None = None  # (n,) 1-based classes; None when not clustered
     apix: np.ndarray | None = None  # (n,) pixel size (A) of the stack the model read
     box: int | None = None  # image side of that stack
+    centre: np.ndarray | None = None  # (n, 2) px: object centre in the template frame (None: 0)
 
     @classmethod
     def empty(cls, n: int, z_dim: int) -> Embedding:
@@ -76,11 +77,25 @@ class Embedding:
     def has_elbo(self) -> bool:
         return bool(np.isfinite(self.elbo).any())
 
+    @property
+    def shift(self) -> np.ndarray:
+        """(n, 2) px: where each particle's object centre is, t + R(theta) @ centre.
+
+        `t` places the model's template origin, which only the prior pins; this is the shift
+        written to files and used to align particles (docs/outputs.md, re-centring).
+        """
+        if self.centre is None:
+            return self.t
+        c, s = np.cos(self.theta), np.sin(self.theta)
+        cx, cy = self.centre[:, 0], self.centre[:, 1]
+        return self.t + np.stack([c * cx - s * cy, s * cx + c * cy], 1)
+
     def relion_pose(self) -> tuple[np.ndarray, np.ndarray]:
-        """rlnAnglePsi (n,) degrees and rlnOriginX/YAngst (n, 2) that undo each pose."""
+        """rlnAnglePsi (n,) degrees and rlnOriginX/YAngst (n, 2) that centre each particle's
+        object and undo its rotation."""
         if self.apix is None:
             raise ValueError("Embedding.relion_pose needs the pixel sizes (apix)")
-        return relion_pose(self.theta, self.t, self.apix)
+        return relion_pose(self.theta, self.shift, self.apix)
 
     # ---- the npz form (docs/outputs.md) ------------------------------------------------------
     def npz_arrays(self) -> dict[str, np.ndarray]:
@@ -93,6 +108,8 @@ class Embedding:
             "theta_rad": self.theta,
             "psi_deg": psi,
             "t_px": self.t,
+            "centre_px": self.centre if self.centre is not None else np.zeros((n, 2)),
+            "shift_px": self.shift,
             "origin_A": origin,
             "confidence": self.confidence,
             "elbo": self.elbo,
@@ -142,9 +159,35 @@ class Embedding:
             labels=labels if (labels > 0).any() else None,
             apix=np.broadcast_to(np.asarray(data["apix"], np.float64), (n,)).copy(),
             box=int(data["box"]) if "box" in data else None,
+            centre=np.asarray(data["centre_px"], np.float64) if "centre_px" in data else None,
         )
         emb.check_finite(f"--embedding {path}", "re-embed those particles with tvae-em embed")
         return emb
+
+
+def object_centres(
+    model: torch.nn.Module, z: np.ndarray, device: torch.device, batch_size: int = 256
+) -> np.ndarray:
+    """(n, 2) px: the object's centre in the template frame of each latent z (n, Z), from the
+    model's noise-free template (`TargetVAE.template_centre`)."""
+    out = np.zeros((len(z), 2), np.float64)
+    with torch.inference_mode():
+        for i in range(0, len(z), batch_size):
+            zb = torch.as_tensor(z[i : i + batch_size], dtype=torch.float32, device=device)
+            out[i : i + batch_size] = model.template_centre(zb).double().cpu().numpy()
+    return out
+
+
+def class_mean_centres(centres: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(n, 2): each particle's class mean of `centres` (n, 2), labels (n,) any integers.
+
+    RELION 2D re-centres each class average on its centre of mass; one centre per class keeps
+    the particles of a class in one frame, whatever the noise in their own z."""
+    out = np.empty_like(centres)
+    for k in np.unique(labels):
+        members = labels == k
+        out[members] = centres[members].mean(0)
+    return out
 
 
 def run_inference(

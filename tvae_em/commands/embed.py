@@ -52,6 +52,14 @@ from .options import (
     type=click.Path(dir_okay=False),
     help="Arrays for scripting. [default: OUT with .npz]",
 )
+@click.option(
+    "--recentre",
+    type=click.Choice(["class", "particle", "none"]),
+    default="class",
+    show_default=True,
+    help="Origins centre each class's object (its particles' mean centre; each particle's own "
+    "without --classes), each particle's object, or the model's template origin.",
+)
 @batch_size_option()
 @device_option()
 @num_workers_option()

@@ -189,14 +189,21 @@ class TargetVAE(nn.Module):
         return self.likelihood.mean(out).reshape(-1, size, size)
 
     def template_centre(self, z: torch.Tensor, size: int | None = None) -> torch.Tensor:
-        """(B, 2) centroid (x, y) in pixels of the positive part of each template at pose 0.
+        """(B, 2) centroid (x, y) in pixels of each template at pose 0 (its object's centre).
 
         The model's template origin is arbitrary (only the prior p(t) pulls it to the object's
-        centre), so shifts relative to the template's centroid are t + R(theta) @ centre.
+        centre), so shifts relative to the object's centre are t + R(theta) @ centre. The
+        background is the template's median; the object's contrast is the sign of its largest
+        departure from it, and the centroid is that of the departures of that sign.
         """
         size = size or self.cfg.box
-        img = self.render(z, z.new_zeros(len(z)), z.new_zeros(len(z), 2), size).clamp(min=0)
-        w = img / img.sum((1, 2), keepdim=True).clamp(min=1e-12)  # (B, D, D)
+        img = self.render(z, z.new_zeros(len(z)), z.new_zeros(len(z), 2), size).float()
+        img = img - img.flatten(1).median(1).values[:, None, None]  # (B, D, D)
+        flat = img.flatten(1)
+        peak = flat.gather(1, flat.abs().argmax(1, keepdim=True))[:, 0]  # (B,)
+        sign = torch.where(peak < 0, -1.0, 1.0)
+        img = (img * sign[:, None, None]).clamp(min=0)
+        w = img / img.sum((1, 2), keepdim=True).clamp(min=1e-12)
         return torch.einsum("bij,ijk->bk", w, pixel_grid(size, z.device))
 
     def export_for_inference(self) -> TargetVAE:
