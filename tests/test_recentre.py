@@ -120,7 +120,15 @@ def _embed(particles, name: str, recentre: str) -> Path:
         out = p["root"] / name / "embedded.star"
         out.parent.mkdir()
         embed_particles(
-            EmbedOptions(p["run"], p["star"], out, classes=1, recentre=recentre, with_elbo=False)
+            EmbedOptions(
+                p["run"],
+                p["star"],
+                out,
+                classes=1,
+                recentre=recentre,
+                with_elbo=False,
+                refine=False,
+            )
         )
     finally:
         mp.undo()

@@ -137,6 +137,7 @@ def exported(posed, tmp_path_factory):
                 batch_size=5,
                 original=full_star,
                 cs_out=out / "embedded.cs",
+                refine=False,
                 recentre="none",  # the oracle's poses are about the template's own origin
             )
         )

@@ -27,6 +27,7 @@ from .export import (
 )
 from .inference import class_mean_centres, object_centres, run_inference
 from .io import ParticleStack
+from .model.refine import RefineConfig
 from .progress import ProgressFactory, no_progress
 from .run import RunFolder, TrainedModel
 from .runtime import check_seed, resolve_device
@@ -53,6 +54,7 @@ class EmbedOptions:
     checkpoint: str = "last"
     seed: int = 0
     recentre: str = "class"
+    refine: bool = True
 
 
 RECENTRE_MODES = ("class", "particle", "none")
@@ -112,15 +114,18 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
         [input, opts.original],
     )
     apix = stack.apix  # (n,) UserError when unknown
-    use_ctf = opts.with_elbo and trained.uses_ctf(stack)
+    use_ctf = (opts.with_elbo or opts.refine) and trained.uses_ctf(stack)
     ctf_for = _ctf_function(stack, input, dev) if use_ctf else None
+    refine = RefineConfig() if opts.refine else None
 
     model = trained.model.export_for_inference().to(dev)
     batches = epoch_batches(n, opts.batch_size, 0, 0, shuffle=False)
     loader = make_loader(BatchDataset(stack, trained.normalisation), batches, opts.num_workers)
     with progress(n, "embed") as advance:
         t0 = time.perf_counter()
-        emb = run_inference(model, loader, n, dev, opts.with_elbo, ctf_for, advance, opts.seed)
+        emb = run_inference(
+            model, loader, n, dev, opts.with_elbo, ctf_for, advance, opts.seed, refine
+        )
         seconds = time.perf_counter() - t0
     emb.check_finite(input, f"the model of {run_dir} gives NaN for it (a diverged checkpoint?)")
 
@@ -171,7 +176,7 @@ def _ctf_function(stack: ParticleStack, input_path: str, device):
     if params is None:
         raise UserError(
             f"{input_path}: the run was trained with the CTF but these particles have no defocus "
-            "columns (use the star the run was trained on, or --no-elbo)"
+            "columns (use the star the run was trained on, or --no-elbo --no-refine)"
         )
     apix = stack.apix
     return lambda idx: batch_ctf(params, apix, idx, stack.box, device)

@@ -40,6 +40,15 @@ def phase_flip(images: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
     return apply_ctf(images, torch.sign(ctf))
 
 
+def shift_images(images: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Images (B, D, D) shifted by t (B, 2) px (x, y), sub-pixel exactly (a Fourier phase ramp)."""
+    d = images.shape[-1]
+    ky = torch.fft.fftfreq(d, device=images.device)[:, None]
+    kx = torch.fft.rfftfreq(d, device=images.device)[None, :]
+    ramp = torch.exp(-2j * math.pi * (kx * t[:, 0, None, None] + ky * t[:, 1, None, None]))
+    return torch.fft.irfft2(torch.fft.rfft2(images) * ramp, s=(d, d))
+
+
 # ---- resampling ------------------------------------------------------------------------------
 def fourier_crop(images: np.ndarray, size: int) -> np.ndarray:
     """Downsample (B, D, D) images to (B, size, size) by cropping their centred Fourier transform.

@@ -18,6 +18,7 @@ import torch
 
 from .errors import UserError
 from .geometry import relion_pose
+from .model.refine import RefineConfig, refine_poses
 from .progress import Advance
 
 NPZ_KEYS = ("z_mu", "theta_rad", "t_px", "psi_deg", "origin_A", "class", "apix")
@@ -165,6 +166,12 @@ class Embedding:
         return emb
 
 
+def _sigma(model: torch.nn.Module) -> float:
+    """The Gaussian likelihood's noise sd (1 when it is not learnt: unit-variance images)."""
+    log_sigma = getattr(model.likelihood, "log_sigma", None)
+    return float(log_sigma.exp()) if log_sigma is not None else 1.0
+
+
 def object_centres(
     model: torch.nn.Module, z: np.ndarray, device: torch.device, batch_size: int = 256
 ) -> np.ndarray:
@@ -199,8 +206,11 @@ def run_inference(
     ctf_for: Callable[[np.ndarray], torch.Tensor | None] | None = None,
     advance: Advance | None = None,
     seed: int = 0,
+    refine: RefineConfig | None = None,
 ) -> Embedding:
-    """Embed every batch (indices, images) of `loader` with `model.embed` into an Embedding."""
+    """Embed every batch (indices, images) of `loader` with `model.embed` into an Embedding;
+    with `refine`, each pose is then refined against the particle's own template
+    (`tvae_em.model.refine`), with its CTF when `ctf_for` is given."""
     emb = Embedding.empty(n, model.cfg.z_dim)
     use_amp = device.type == "cuda"
     devices = [device] if device.type == "cuda" else []
@@ -209,9 +219,14 @@ def run_inference(
         for idx, y in loader:
             idx_np = idx.numpy()
             y = y.to(device, non_blocking=True)
-            ctf = ctf_for(idx_np) if (with_elbo and ctf_for is not None) else None
+            ctf = ctf_for(idx_np) if ctf_for is not None else None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 out = model.embed(y, with_elbo=with_elbo, ctf=ctf)
+            if refine is not None:
+                out["theta"], out["t"], _ = refine_poses(
+                    model.render, y, out["z_mu"], out["theta"], ctf, model.cfg.t_sd_px,
+                    _sigma(model), refine,
+                )  # fmt: skip
             emb.store(idx_np, out)
             if advance is not None:
                 advance(len(idx_np))

@@ -60,6 +60,13 @@ from .options import (
     help="Origins centre each class's object (its particles' mean centre; each particle's own "
     "without --classes), each particle's object, or the model's template origin.",
 )
+@click.option(
+    "--refine/--no-refine",
+    default=True,
+    show_default=True,
+    help="Refine each pose against the particle's own template (a 5-deg search of the circle, "
+    "then 1-deg steps, every shift; sub-step interpolation): continuous angles, no half turns.",
+)
 @batch_size_option()
 @device_option()
 @num_workers_option()

@@ -1,0 +1,90 @@
+"""Pose refinement at read-out (tvae_em.model.refine): from the encoder's binned angle (or a half
+turn off) to the continuous angle and sub-pixel shift, by the likelihood against the template."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tvae_em.ctf import CtfParams, batch_ctf
+from tvae_em.fourier import shift_images
+from tvae_em.geometry import transform_images, wrap_angle
+from tvae_em.model.refine import RefineConfig, refine_poses, rotated_templates
+from tvae_em.synthetic import render_glyph
+
+BOX, N = 32, 32
+
+
+def glyph_render(z, theta, t, size):
+    """The 'model': the glyph F (same field of view at any size) at pose (theta, t)."""
+    img = torch.from_numpy(render_glyph("F", size, height=0.5))
+    img = img[None].expand(len(z), -1, -1).contiguous()
+    return transform_images(img, theta.float(), t.float() * size / BOX)
+
+
+@pytest.fixture(scope="module")
+def posed():
+    rng = np.random.default_rng(11)
+    theta = torch.from_numpy(rng.uniform(-math.pi, math.pi, N)).float()
+    t = torch.from_numpy(rng.uniform(-3.0, 3.0, (N, 2))).float()
+    # particles rendered finely and sampled, like the refinement's own template
+    z = torch.zeros(N, 1)
+    fine = glyph_render(z, torch.zeros(N), torch.zeros(N, 2), 2 * BOX)
+    images = rotated_templates(fine, theta[:, None], BOX)[:, 0]
+    images = shift_images(images, t)  # exact sub-pixel shift
+    return {"theta": theta, "t": t, "images": images.float(), "z": z}
+
+
+def _binned(theta: torch.Tensor, n: int) -> torch.Tensor:
+    """The nearest of n bin centres: what the encoder reports when its offset sticks."""
+    step = 2 * math.pi / n
+    return torch.round(theta / step) * step
+
+
+def _errors(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    return np.degrees(wrap_angle(a - b).abs().numpy())
+
+
+def test_refinement_recovers_continuous_angles_and_subpixel_shifts(posed):
+    start = _binned(posed["theta"], 8)
+    assert np.median(_errors(start, posed["theta"])) > 5  # the binned start is far off
+    theta, t, _ = refine_poses(glyph_render, posed["images"], posed["z"], start, None, t_sd_px=3.0)
+    err = _errors(theta, posed["theta"])
+    assert np.median(err) < 0.5 and np.quantile(err, 0.9) < 1.0 and err.max() < 2.5, err
+    shift_err = (t - posed["t"]).norm(dim=1).numpy()
+    assert np.median(shift_err) < 0.15 and shift_err.max() < 0.4, shift_err
+
+
+def test_a_half_turn_is_undone_by_the_global_pass(posed):
+    start = wrap_angle(_binned(posed["theta"], 8) + math.pi)
+    theta, _, _ = refine_poses(glyph_render, posed["images"], posed["z"], start, None, 3.0)
+    assert _errors(theta, posed["theta"]).max() < 1.5
+    local = RefineConfig(global_step_deg=0.0)  # without it, the flip stays
+    theta, _, _ = refine_poses(
+        glyph_render, posed["images"], posed["z"], start, None, 3.0, 1.0, local
+    )
+    assert np.median(_errors(theta, posed["theta"])) > 150
+
+
+def test_refinement_uses_each_particles_ctf(posed):
+    params = CtfParams(
+        dfu_A=np.linspace(8000, 25000, N),
+        dfv_A=np.linspace(7000, 24000, N),
+        dfang_deg=np.linspace(0, 170, N),
+        volt_kv=np.full(N, 300.0),
+        cs_mm=np.full(N, 2.7),
+        amp_contrast=np.full(N, 0.1),
+        phase_shift_deg=np.zeros(N),
+        bfactor=np.zeros(N),
+    )
+    ctf = batch_ctf(params, np.full(N, 3.0), np.arange(N), BOX).float()
+    observed = torch.fft.ifft2(torch.fft.fft2(posed["images"]) * ctf).real
+    start = _binned(posed["theta"], 8)
+    theta, _, _ = refine_poses(glyph_render, observed, posed["z"], start, ctf, 3.0)
+    with_ctf = _errors(theta, posed["theta"])
+    theta, _, _ = refine_poses(glyph_render, observed, posed["z"], start, None, 3.0)
+    assert np.median(with_ctf) < 1.0, with_ctf
+    assert np.median(with_ctf) < np.median(_errors(theta, posed["theta"]))

@@ -1,0 +1,197 @@
+"""Pose refinement at read-out: align each particle to the model's own noise-free template.
+
+The encoder gives the angle on a grid of N bins plus an offset that the KL term pulls to the bin
+centre, and its shift is a posterior mean over pixel cells. Refinement programs follow a coarse
+search by a finer one on the likelihood itself; so does this: the template of the particle's z is
+rendered once (at twice the size, the same field of view, so that rotating it by interpolation is
+accurate), turned to a grid of angles, multiplied by the particle's CTF, and scored against the
+particle at every integer shift at once (an FFT cross-correlation) with the Gaussian
+log-likelihood and the model's shift prior. A global pass over the circle (which also undoes
+half-turn flips of the encoder) is followed by a local pass around its best angle; the best angle
+and shift are then interpolated to sub-step precision (a parabola through the neighbours).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..fourier import apply_ctf, shift_images
+from ..geometry import pixel_grid, rotation_matrix, wrap_angle
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Angular search: a global pass at `global_step_deg` over the circle (0: skip it, search
+    only around the encoder's angle), then a local pass of +-`local_span_deg` at
+    `local_step_deg`; shifts up to `max_shift_px` from the box centre."""
+
+    global_step_deg: float = 10.0
+    local_span_deg: float = 6.0
+    local_step_deg: float = 1.0
+    max_shift_px: float | None = None  # None: a quarter of the box
+
+
+def rotated_templates(fine: torch.Tensor, theta: torch.Tensor, box: int) -> torch.Tensor:
+    """Templates (B, 2D, 2D) rendered at twice the box turned by theta (B, J): (B, J, D, D).
+
+    Output pixel p samples the template at R(-theta) p (pose (theta, 0)); the fine grid holds the
+    template at half-pixel spacing, so bilinear interpolation there is accurate.
+    """
+    b, j = theta.shape
+    size = fine.shape[-1]
+    p = pixel_grid(box, fine.device).reshape(-1, 2)  # (D*D, 2) coarse pixels
+    src = torch.einsum("bjik,pk->bjpi", rotation_matrix(-theta), p)  # (B, J, D*D, 2)
+    idx = src * (size / box) + size // 2  # fine-grid pixel index
+    grid = (2.0 * idx / (size - 1) - 1.0).reshape(b, j * box, box, 2)
+    out = F.grid_sample(
+        fine[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True
+    )
+    return out.reshape(b, j, box, box)
+
+
+def _parabola(lo: torch.Tensor, mid: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Offset in [-0.5, 0.5] steps of the maximum of a parabola through three equally spaced
+    values (0 where they are flat or the centre is not a maximum)."""
+    den = lo - 2 * mid + hi
+    ok = (den < 0) & torch.isfinite(lo) & torch.isfinite(hi)
+    off = 0.5 * (lo - hi) / torch.where(ok, den, torch.full_like(den, -1.0))
+    return torch.where(ok, off, torch.zeros_like(off)).clamp(-0.5, 0.5)
+
+
+def score_poses(
+    y: torch.Tensor,
+    models: torch.Tensor,
+    log_prior_t: torch.Tensor,
+    sigma: float,
+) -> torch.Tensor:
+    """Log-likelihood + log shift prior of particles y (B, D, D) against model images
+    (B, J, D, D) at every circular integer shift: (B, J, D, D), shift (x, y) at [.., y+D/2, x+D/2].
+
+    -||y - m(. - s)||^2 / (2 sigma^2) up to the constant ||y||^2 term, by one FFT correlation.
+    """
+    d = y.shape[-1]
+    fy = torch.fft.rfft2(y.float())[:, None]  # (B, 1, D, D//2+1)
+    fm = torch.fft.rfft2(models.float())
+    cross = torch.fft.irfft2(fy * fm.conj(), s=(d, d))  # (B, J, D, D): sum_x y(x) m(x - s)
+    cross = torch.fft.fftshift(cross, dim=(-2, -1))
+    energy = (models.float() ** 2).sum((-2, -1), keepdim=True)  # (B, J, 1, 1)
+    return (cross - 0.5 * energy) / sigma**2 + log_prior_t
+
+
+def shift_log_prior(box: int, sd_px: float, max_px: float, device=None) -> torch.Tensor:
+    """(D, D) log N(s; 0, sd^2) of each integer shift s (x, y) of the box, -inf beyond max_px."""
+    g = pixel_grid(box, device)  # (D, D, 2), [row y, col x] -> (x, y)
+    r2 = (g**2).sum(-1)
+    out = -0.5 * r2 / sd_px**2
+    return torch.where(r2 <= max_px**2, out, torch.full_like(out, -math.inf))
+
+
+def _best(scores: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Best (angle index, row, col) of scores (B, J, D, D) and its value (B,)."""
+    b, j, d, _ = scores.shape
+    flat = scores.reshape(b, -1)
+    value, idx = flat.max(1)
+    a = torch.div(idx, d * d, rounding_mode="floor")
+    rest = idx - a * d * d
+    row = torch.div(rest, d, rounding_mode="floor")
+    return a, row, rest - row * d, value
+
+
+def refine_poses(
+    render,
+    y: torch.Tensor,
+    z: torch.Tensor,
+    theta0: torch.Tensor,
+    ctf: torch.Tensor | None,
+    t_sd_px: float,
+    sigma: float = 1.0,
+    config: RefineConfig = RefineConfig(),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Refined angle theta (B,) rad, shift t (B, 2) px and score (B,) of particles y (B, D, D).
+
+    render(z, theta, t, size) -> (B, size, size) is the model's noise-free image (pose 0 here);
+    z (B, Z) the particles' latents, theta0 (B,) the encoder's angles, ctf (B, D, D) or None.
+    """
+    b, d, _ = y.shape
+    dev = y.device
+    with torch.autocast(dev.type, enabled=False):
+        fine = render(z, z.new_zeros(b), z.new_zeros(b, 2), 2 * d).float()  # (B, 2D, 2D)
+        max_px = config.max_shift_px if config.max_shift_px is not None else d / 4
+        prior = shift_log_prior(d, t_sd_px, max_px, dev)
+
+        def search(angles: torch.Tensor):  # angles (B, J) -> scores, best (index, row, col, value)
+            scores = score_poses(y, _model_images(fine, ctf, angles, d), prior, sigma)
+            return scores, _best(scores)
+
+        centre = theta0.float()
+        if config.global_step_deg > 0:
+            n = max(1, round(360.0 / config.global_step_deg))
+            grid = torch.arange(n, device=dev) * (2 * math.pi / n)
+            _, (a, _, _, _) = search(centre[:, None] + grid[None])
+            centre = centre + grid[a]
+        step = math.radians(config.local_step_deg)
+        k = max(1, round(config.local_span_deg / config.local_step_deg))
+        angles = centre[:, None] + torch.arange(-k, k + 1, device=dev)[None] * step  # (B, 2k+1)
+        scores, (a, row, col, value) = search(angles)
+        i = torch.arange(b, device=dev)
+        at = scores[i, a]  # (B, D, D) at the best angle
+        r0, r1 = (row - 1).clamp(0, d - 1), (row + 1).clamp(0, d - 1)
+        c0, c1 = (col - 1).clamp(0, d - 1), (col + 1).clamp(0, d - 1)
+        dy = _parabola(at[i, r0, col], at[i, row, col], at[i, r1, col])
+        dx = _parabola(at[i, row, c0], at[i, row, col], at[i, row, c1])
+        t = torch.stack([col - d // 2 + dx, row - d // 2 + dy], 1).float()
+        theta = angles[i, a]
+        for _ in range(2):  # alternate: the angle at the shift, then the shift at the angle
+            theta = _fine_angle(y, fine, ctf, theta, t, step / 4)
+            t = _fine_shift(y, fine, ctf, theta, t, 0.25)
+        theta = wrap_angle(theta)
+        return theta, t, value
+
+
+def _model_images(fine, ctf, angles: torch.Tensor, box: int) -> torch.Tensor:
+    """Templates turned by angles (B, J), times each particle's CTF: (B, J, D, D)."""
+    b, j = angles.shape
+    models = rotated_templates(fine, angles, box)
+    if ctf is not None:
+        models = apply_ctf(models.reshape(b * j, box, box), ctf.repeat_interleave(j, 0))
+    return models.reshape(b, j, box, box)
+
+
+def _fit(y: torch.Tensor, models: torch.Tensor) -> torch.Tensor:
+    """<y, m> - ||m||^2 / 2 of particles y (B, [J,] D, D) and models (B, J, D, D): (B, J)."""
+    if y.dim() == 3:
+        y = y[:, None]
+    return (y * models).sum((-2, -1)) - 0.5 * (models**2).sum((-2, -1))
+
+
+def _fine_angle(y, fine, ctf, theta, t, step: float) -> torch.Tensor:
+    """The angle near theta (B,) at shift t (B, 2): 9 steps, then a parabola."""
+    b, d = y.shape[0], y.shape[-1]
+    i = torch.arange(b, device=y.device)
+    near = theta[:, None] + torch.arange(-4, 5, device=y.device)[None] * step  # (B, 9)
+    s = _fit(shift_images(y.float(), -t), _model_images(fine, ctf, near, d))
+    j = s.argmax(1).clamp(1, 7)
+    return near[i, j] + _parabola(s[i, j - 1], s[i, j], s[i, j + 1]) * step
+
+
+def _fine_shift(y, fine, ctf, theta, t, step: float) -> torch.Tensor:
+    """The shift near t (B, 2) px at angle theta (B,): a 3 x 3 grid of sub-pixel steps, then a
+    parabola per axis (the particle moved back exactly, by a phase ramp)."""
+    d = y.shape[-1]
+    model = _model_images(fine, ctf, theta[:, None], d)  # (B, 1, D, D)
+    grid = torch.tensor([-step, 0.0, step], device=y.device)
+    scores = []
+    for dy in grid:
+        row = []
+        for dx in grid:
+            moved = shift_images(y.float(), -(t + torch.stack([dx, dy])[None]))
+            row.append(_fit(moved, model)[:, 0])
+        scores.append(torch.stack(row, 1))
+    s = torch.stack(scores, 1)  # (B, 3 dy, 3 dx)
+    ox = _parabola(s[:, 1, 0], s[:, 1, 1], s[:, 1, 2])
+    oy = _parabola(s[:, 0, 1], s[:, 1, 1], s[:, 2, 1])
+    return t + torch.stack([ox, oy], 1) * step
