@@ -130,12 +130,12 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
     emb.centre = _centres(model, emb, opts.recentre, dev)
     new = embedding_columns(emb)
     tables: dict[str, object] = {
-        "star": particle_star_tables(stack, new, plan.star),
+        "star": particle_star_tables(stack, new),
         "npz": emb,
     }
     target, target_rows = stack, np.arange(n)
     if orig is not None:
-        tables["original_star"] = particle_star_tables(orig, new, plan.original_star, rows)
+        tables["original_star"] = particle_star_tables(orig, new, rows)
         target, target_rows = orig, rows
     if plan.cs is not None:
         tables["cs"] = cs_table(target, emb, target_rows)
