@@ -26,7 +26,7 @@ from .export import (
     write_outputs,
 )
 from .inference import class_mean_centres, object_centres, run_inference
-from .io import ParticleStack
+from .io import OpticsDefaults, ParticleStack
 from .progress import ProgressFactory, no_progress
 from .run import RunFolder, TrainedModel
 from .runtime import check_seed, resolve_device
@@ -53,6 +53,9 @@ class EmbedOptions:
     checkpoint: str = "last"
     seed: int = 0
     recentre: str = "class"
+    voltage: float = OpticsDefaults.voltage
+    spherical_aberration: float = OpticsDefaults.spherical_aberration
+    amplitude_contrast: float = OpticsDefaults.amplitude_contrast
 
 
 RECENTRE_MODES = ("class", "particle", "none")
@@ -89,7 +92,8 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
     check_seed(opts.seed)
     dev = resolve_device(opts.device)
     trained = RunFolder(run_dir).load_model(dev, opts.checkpoint)
-    stack = ParticleStack.open(input, datadir=opts.datadir, apix=opts.input_apix)
+    optics = OpticsDefaults(opts.voltage, opts.spherical_aberration, opts.amplitude_contrast)
+    stack = ParticleStack.open(input, datadir=opts.datadir, apix=opts.input_apix, optics=optics)
     n = len(stack)
     _check_box(stack, trained, input, run_dir)
     if opts.classes is not None and not 1 <= opts.classes <= n:
@@ -101,7 +105,9 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
     if opts.batch_size < 1:
         raise UserError(f"--batch-size {opts.batch_size}: must be at least 1")
     orig, rows = (
-        open_original(str(opts.original), opts.datadir, stack) if opts.original else (None, None)
+        open_original(str(opts.original), opts.datadir, stack, optics)
+        if opts.original
+        else (None, None)
     )
     plan = plan_outputs(
         opts.out_star,

@@ -31,7 +31,14 @@ from .relion import (
     relion30_to_31,
     stack_reference,
 )
-from .star import StarText, read_particles_star, read_star, read_star_text, write_star
+from .star import (
+    StarText,
+    read_particles_star,
+    read_particles_star_text,
+    read_star,
+    read_star_text,
+    write_star,
+)
 
 __all__ = [
     "PHASE_FLIPPED",
@@ -41,6 +48,7 @@ __all__ = [
     "complete_optics",
     "project_path",
     "read_star_text",
+    "read_particles_star_text",
     "stack_reference",
     "CsStack",
     "MrcsStack",
