@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import bisect
 import csv
+import io
 import os
 import re
-import warnings
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import starfile
 
 from ..errors import UserError
 from .atomic import atomic_path
@@ -35,9 +35,6 @@ NAME_COLUMNS = [
 ]
 VERSION_LINE = "# version 30001"
 FLOAT_FORMAT = "%.10g"
-_LABEL = re.compile(r"(?m)^[ \t]*_([^\s#]+)")
-_BLOCK = re.compile(r"(?m)^[ \t]*data_(\S*)")
-_COMMENT = re.compile(r"(?m)^[ \t]*(#[^\r\n]*?)[ \t\r]*$")
 _VERSION = re.compile(r"#\s*version\s+\d+\s*$")
 
 
@@ -78,32 +75,96 @@ def read_star(path: str | os.PathLike) -> dict[str, pd.DataFrame]:
 
 def read_star_text(path: str | os.PathLike) -> tuple[dict[str, pd.DataFrame], StarText]:
     """The loop blocks of a STAR file parsed (numbers as numbers, NAME_COLUMNS as text) and the
-    whole file as `StarText`; one parse, the numbers derived from the text as starfile does."""
+    whole file as `StarText`: one pass, the numbers derived from the text as starfile does."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"star file not found: {path}")
     try:
         raw = path.read_text(encoding="utf-8", errors="surrogateescape")
-        labels = sorted(set(_LABEL.findall(raw)))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            blocks = starfile.read(path, always_dict=True, parse_as_string=labels)
-    except Exception as e:  # starfile raises assorted parser errors on malformed files
+        text = StarText(comments=_comments(raw))
+        for name, segment in _blocks(raw):
+            kind, block = _parse_block(segment)
+            if kind == "loop":
+                text.loops[name] = block
+            elif kind == "pairs":
+                text.pairs[name] = block
+    except UserError:
+        raise
+    except Exception as e:  # pandas raises assorted parser errors on malformed files
         raise UserError(f"cannot parse star file {path}: {e}") from None
-    text = StarText(comments=_comments(raw))
     tables: dict[str, pd.DataFrame] = {}
-    for name, block in blocks.items():
-        if isinstance(block, pd.DataFrame):
-            repeated = block.columns[block.columns.duplicated()]
-            if len(repeated):
-                raise UserError(
-                    f"star file {path}: column {repeated[0]} appears more than once in data_{name}"
-                )
-            text.loops[name] = block.astype(object).where(block.notna(), "nan").astype(str)
-            tables[name] = _numeric_table(block)
-        else:
-            text.pairs[name] = {k: str(v) for k, v in block.items()}
+    for name, block in text.loops.items():
+        repeated = block.columns[block.columns.duplicated()]
+        if len(repeated):
+            raise UserError(
+                f"star file {path}: column {repeated[0]} appears more than once in data_{name}"
+            )
+        tables[name] = _numeric_table(block)
     return tables, text
+
+
+def _line_starts(raw: str, token: str) -> list[tuple[int, int]]:
+    """(start of line, position of ``token``) for each line whose first non-blank text is
+    ``token`` (found with str.find: fast on files of millions of lines)."""
+    out, pos = [], raw.find(token)
+    while pos >= 0:
+        start = raw.rfind("\n", 0, pos) + 1
+        if not raw[start:pos].strip(" \t"):
+            out.append((start, pos))
+        pos = raw.find(token, pos + 1)
+    return out
+
+
+def _blocks(raw: str) -> list[tuple[str, str]]:
+    """(name, text after its ``data_`` line) of each block of a STAR file's text."""
+    found = _line_starts(raw, "data_")
+    out = []
+    for i, (_, at) in enumerate(found):
+        eol = raw.find("\n", at)
+        eol = len(raw) if eol < 0 else eol
+        name = raw[at + 5 : eol].split()[0] if raw[at + 5 : eol].split() else ""
+        end = found[i + 1][0] if i + 1 < len(found) else len(raw)
+        out.append((name, raw[eol + 1 : end] if eol < end else ""))
+    return out
+
+
+def _parse_block(segment: str) -> tuple[str, pd.DataFrame | dict[str, str] | None]:
+    """("loop", table of text) or ("pairs", key -> text) or ("empty", None) of one block body."""
+    pos, labels, loop, pairs = 0, [], False, {}
+    while pos < len(segment):
+        end = segment.find("\n", pos)
+        end = len(segment) if end < 0 else end
+        line = segment[pos:end].strip()
+        if not line or line.startswith("#"):
+            pos = end + 1
+            continue
+        if line.startswith("loop_") and not loop and not pairs:
+            loop = True
+        elif line.startswith("_") and loop:
+            labels.append(line.split()[0][1:])
+        elif line.startswith("_"):
+            key, *value = shlex.split(line, comments=False)
+            pairs[key[1:]] = value[0] if value else ""
+        else:
+            break  # the first data line of a loop
+        pos = end + 1
+    if not loop:
+        return ("pairs", pairs) if pairs else ("empty", None)
+    data = segment[pos:]
+    if not data.strip():
+        return "loop", pd.DataFrame({label: pd.Series(dtype=object) for label in labels})
+    table = pd.read_csv(
+        io.StringIO(data.replace("'", '"')),
+        sep=r"\s+",
+        header=None,
+        comment="#",
+        dtype=object,
+        keep_default_na=False,
+        na_values=["nan", "NaN", "<NA>"],
+        engine="c",
+    )
+    table.columns = labels
+    return "loop", table.astype(object).where(table.notna(), "nan")
 
 
 def _numeric_table(block: pd.DataFrame) -> pd.DataFrame:
@@ -116,23 +177,22 @@ def _numeric_table(block: pd.DataFrame) -> pd.DataFrame:
             values = pd.to_numeric(out[column])
         except (ValueError, TypeError):
             continue
-        if not values.isna().all():
-            out[column] = values
+        if not values.isna().all() or (out[column] == "nan").all():
+            out[column] = values  # (a column of empty strings stays text, as starfile keeps it)
     return out
 
 
 def _comments(raw: str) -> dict[str, list[str]]:
     """'#' lines of a STAR file's text by the block they are in ("" before the first)."""
-    starts, names = [], []
-    for m in _BLOCK.finditer(raw):
-        starts.append(m.start())
-        names.append(m.group(1))
+    starts = [start for start, _ in _line_starts(raw, "data_")]
+    names = [name for name, _ in _blocks(raw)] if starts else []
     out: dict[str, list[str]] = {}
-    for m in _COMMENT.finditer(raw):
-        line = m.group(1)
+    for start, at in _line_starts(raw, "#"):
+        eol = raw.find("\n", at)
+        line = raw[at : len(raw) if eol < 0 else eol].rstrip()
         if _VERSION.match(line):
             continue
-        k = bisect.bisect_right(starts, m.start()) - 1
+        k = bisect.bisect_right(starts, start) - 1
         out.setdefault(names[k] if k >= 0 else "", []).append(line)
     return out
 
