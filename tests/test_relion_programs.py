@@ -105,16 +105,31 @@ def test_relion_reads_preprocess_outputs(project, name):
 
 
 @needs_real
-def test_relion_reads_embed_outputs(project):
-    star = _preprocess("relion31.star")
+@pytest.mark.parametrize("name, box", [("relion31.star", 256), ("empiar_10076_7.cs", 320)])
+def test_relion_reads_embed_outputs(project, name, box):
+    star = _preprocess(name)
+    n = INPUTS[name][2]
+    run = make_run_folder(project / "run", 32, encoder_kernel=5)
+    embed_particles(EmbedOptions(run, star, "tvae/embed/e.star", original=f"sub/{name}", classes=2))
+    relion_opens_every_image("tvae/embed/e.star", n, 32)
+    assert {"tvaeZ1", "tvaeSourceRow"} <= set(read_star("e_handled.star")["particles"])  # kept
+    full = relion_opens_every_image("tvae/embed/e_original.star", n, box)
+    source = INPUTS[name][0][-1]
+    with mrcfile.open(f"sub/{source}", permissive=True) as m:
+        np.testing.assert_allclose(full, m.data, atol=1e-4)
+
+
+@needs_real
+def test_relion_reads_embed_output_of_a_bare_stack(project):
+    """A bare .mrcs has no optics: the star gets RELION's defaults, which RELION accepts."""
+    _preprocess("relion31.mrcs")
     run = make_run_folder(project / "run", 32, encoder_kernel=5)
     embed_particles(
-        EmbedOptions(run, star, "tvae/embed/e.star", original="sub/relion31.star", classes=2)
+        EmbedOptions(run, "tvae/prep/particles.mrcs", "e.star", input_apix=11.224, classes=2)
     )
-    relion_opens_every_image("tvae/embed/e.star", 5, 32)
-    full = relion_opens_every_image("tvae/embed/e_original.star", 5, 256)
-    with mrcfile.open("sub/relion31.mrcs", permissive=True) as m:
-        np.testing.assert_allclose(full, m.data, atol=1e-4)
+    optics = read_star("e.star")["optics"]
+    assert optics.iloc[0][["rlnVoltage", "rlnSphericalAberration"]].tolist() == [300.0, 2.7]
+    relion_opens_every_image("e.star", 5, 32)
 
 
 def test_star_relative_to_its_own_folder_is_refused_from_the_project_folder(project):

@@ -25,6 +25,7 @@ from tvae_em.io import (
     project_path,
     read_particles_star_text,
     read_star,
+    stack_reference,
     write_stack,
     write_star,
 )
@@ -178,6 +179,20 @@ def test_outputs_name_stacks_from_the_folder_the_command_ran_in(tmp_path, monkey
     assert o.tolist() == [f"{k:06d}@Extract/job005/s.mrcs" for k in (1, 2, 3)]
     for star in ("tvae/embed/e.star", "tvae/embed/e_original.star"):  # the readers find them
         assert len(ParticleStack.open(star)) == 3
+
+
+def test_mrc_stacks_are_named_with_the_mrcs_format_suffix(tmp_path, monkeypatch):
+    """RELION refuses "N@x.mrc" (it reserves .mrc for 3D maps) and reads "N@x.mrc:mrcs"."""
+    monkeypatch.chdir(tmp_path)
+    write_stack(tmp_path / "s.mrc", [np.zeros((2, 8, 8), np.float32)], 2, 8, 1.0)
+    assert stack_reference("elsewhere/s.mrc", tmp_path / "s.mrc") == "s.mrc:mrcs"
+    assert stack_reference("s.mrc:mrcs", tmp_path / "s.mrc") == "s.mrc:mrcs"
+    write_stack(tmp_path / "t.mrcs", [np.zeros((2, 8, 8), np.float32)], 2, 8, 1.0)
+    assert stack_reference("t.mrcs", tmp_path / "t.mrcs") == "t.mrcs"
+    star = tmp_path / "p.star"
+    names = pd.DataFrame({"rlnImageName": ["1@s.mrc:mrcs", "2@s.mrc:mrcs"]})
+    write_star(star, {"particles": names})
+    assert ParticleStack.open(star, apix=1.0).files == [str(tmp_path / "s.mrc")]
 
 
 def test_old_stars_relative_to_their_folder_still_read(tmp_path, monkeypatch):

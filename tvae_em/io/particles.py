@@ -34,6 +34,7 @@ from .relion import (
     pixel_size_columns,
     pixel_size_from_relion30,
     relion30_to_31,
+    stack_file,
 )
 from .star import StarText, read_particles_star_text, write_star
 
@@ -420,8 +421,9 @@ def _split_image_names(names: pd.Series, path: Path) -> tuple[np.ndarray, pd.Ser
 
 def _resolve(name: str, bases: list[Path], datadir: Path | None) -> Path | None:
     """First existing file among: absolute name; each base / name; datadir / name (or its file
-    name); cwd / name. Returned as an absolute path."""
-    p = Path(name)
+    name); cwd / name. Returned as an absolute path. A RELION format suffix (``:mrcs``) is
+    dropped."""
+    p = Path(stack_file(name))
     if p.is_absolute():
         candidates = [p] + ([datadir / p.name] if datadir is not None else [])
     else:

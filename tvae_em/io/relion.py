@@ -18,6 +18,8 @@ OPTICS_FROM_PARTICLES = ["rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeCo
 STALE_PIXEL_SIZE = ["rlnMagnification", "rlnDetectorPixelSize"]
 # Particle column written by preprocess: the 1-based row of the particle in its input.
 SOURCE_ROW = "tvaeSourceRow"
+# RELION reads "N@x.mrc" as a 3D map and refuses it; "N@x.mrc:mrcs" forces the stack format.
+STACK_FORMAT_SUFFIXES = (":mrcs", ":mrc")
 
 
 @dataclass(frozen=True)
@@ -177,10 +179,21 @@ def project_path(path: str | os.PathLike) -> str:
     return os.path.abspath(path)
 
 
+def stack_file(name: str) -> str:
+    """The file of a RELION stack name, without its format suffix: ``x.mrc:mrcs`` -> ``x.mrc``."""
+    for suffix in STACK_FORMAT_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def stack_reference(name: str, path: str | os.PathLike) -> str:
     """``name`` (a stack path as read) if RELION would find the file ``path`` by it from the
-    working directory, else `project_path` of ``path``."""
-    candidate = Path(name)
+    working directory, else `project_path` of ``path``; a ``.mrc`` stack gets ``:mrcs``, without
+    which RELION refuses to read it as a stack."""
+    candidate = Path(stack_file(name))
     if candidate.is_file() and os.path.samefile(candidate, path):
-        return name
-    return project_path(path)
+        ref = stack_file(name)
+    else:
+        ref = project_path(path)
+    return ref + ":mrcs" if ref.lower().endswith(".mrc") else ref
