@@ -18,6 +18,7 @@ from .ctf import batch_ctf
 from .data import BatchDataset, check_num_workers, epoch_batches, make_loader
 from .errors import UserError
 from .export import (
+    check_cs_source,
     cs_table,
     embedding_columns,
     open_original,
@@ -111,6 +112,8 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
         orig is not None,
         [input, opts.original],
     )
+    if plan.cs is not None:
+        check_cs_source(orig if orig is not None else stack)
     apix = stack.apix  # (n,) UserError when unknown
     use_ctf = opts.with_elbo and trained.uses_ctf(stack)
     ctf_for = _ctf_function(stack, input, dev) if use_ctf else None
@@ -138,7 +141,7 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
         tables["original_star"] = particle_star_tables(orig, new, plan.original_star, rows)
         target, target_rows = orig, rows
     if plan.cs is not None:
-        tables["cs"] = cs_table(target, emb, target_rows)
+        tables["cs"] = cs_table(target, emb, target_rows, plan.cs.parent)
     write_outputs(plan, tables)
     return EmbedSummary(n, seconds, str(dev), outputs=plan.paths(), classes=opts.classes)
 
