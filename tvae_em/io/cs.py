@@ -101,6 +101,10 @@ CS_LAYOUT = {"uid": ("<u8", ()), **BLOB_LAYOUT, **CTF_LAYOUT, **ALIGNMENTS2D_LAY
 # fields no RELION column gives are zero, as in cryoSPARC's own imports of RELION stars.
 IMPORTED_SIGN = -1.0
 CTF_TYPE = "imported"
+CTF_UNCONVERTED = {  # beam tilt, higher-order aberrations, anisotropic magnification
+    f"ctf/{name}": 0.0
+    for name in ("scale_const", "shift_A", "tilt_A", "trefoil_A", "tetra_A", "anisomag")
+}
 _SUB = re.compile(r"^(.*)\[(\d+)\]$")
 
 
@@ -368,7 +372,7 @@ def _relion_ctf_fields(particles: pd.DataFrame, per_optics: pd.DataFrame, src: s
     divided by the factor of the one mapping table; RELION's defaults for absent columns."""
     values = {"rlnDefocusV": particles["rlnDefocusU"], **RELION_CTF_DEFAULTS}
     values.update({c: particles[c] for c in particles.columns})
-    out: dict[str, np.ndarray | float | str] = {"ctf/type": CTF_TYPE}
+    out: dict[str, np.ndarray | float | str] = {"ctf/type": CTF_TYPE, **CTF_UNCONVERTED}
     out["ctf/exp_group_id"] = pd.to_numeric(particles["rlnOpticsGroup"]).to_numpy(np.int64)
     for field, (label, factor) in CTF_PARTICLE_FIELDS.items():
         out[field] = _numbers(values[label], len(particles), label, src) / factor
