@@ -20,6 +20,7 @@ from scipy.spatial.transform import Rotation
 
 from tvae_em.cli import main
 from tvae_em.embed import EmbedOptions, embed_particles
+from tvae_em.errors import UserError
 from tvae_em.geometry import wrap_degrees
 from tvae_em.io import ParticleStack, write_star
 from tvae_em.io.cs import ALIGNMENTS2D_LAYOUT, CS_LAYOUT, particle_uids
@@ -268,3 +269,13 @@ def test_cs_refused_without_defocus(tmp_path, make_run):
         assert "--cs" in res.output and "no defocus" in res.output
         assert len(res.output.strip().splitlines()) == 1
         assert not out.exists() or not any(out.iterdir())
+
+
+def test_cs_refused_for_phase_flipped_images(tmp_path, make_run):
+    """cryoSPARC would correct the CTF of phase-flipped images again: no .cs, the fix named."""
+    extra = {"rlnDefocusU": np.full(4, 1e4), "tvaePhaseFlipped": np.ones(4, np.int64)}
+    star = write_particle_set(tmp_path / "in", np.zeros((4, 16, 16)), 2.0, extra=extra)
+    opts = EmbedOptions(make_run(16), star, tmp_path / "e.star", cs_out=tmp_path / "e.cs")
+    with pytest.raises(UserError, match=r"--cs: the images of .*phase-flipped.*--original"):
+        embed_particles(opts)
+    assert not list(tmp_path.glob("e.*"))
