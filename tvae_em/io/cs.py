@@ -285,16 +285,22 @@ def cs_to_relion31(
 def sha1_uint64(text: str) -> np.uint64:
     """The first 8 bytes of SHA-1 of ``text`` (UTF-8) as a little-endian uint64: cryoSPARC's
     import signature of an absolute path, and tvae-em's uid of a particle of a star."""
-    return np.frombuffer(hashlib.sha1(text.encode("utf-8")).digest()[:8], dtype="<u8")[0]
+    return np.uint64(_sha1_int(text))
+
+
+def _sha1_int(text: str) -> int:
+    return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "little")
 
 
 def particle_uids(names: pd.Series) -> np.ndarray:
     """A stable uid (n,) uint64 per particle of a star: `sha1_uint64` of its rlnImageName as
     read; the k-th repeat (k >= 1) of a name hashes "name#k", so every particle has its own."""
-    names = names.astype(str).str.strip().reset_index(drop=True)
-    repeat = names.groupby(names).cumcount()
-    keys = names.where(repeat == 0, names + "#" + repeat.astype(str))
-    return np.fromiter((sha1_uint64(k) for k in keys), dtype=np.uint64, count=len(keys))
+    keys = [name.strip() for name in names.astype(str).tolist()]
+    if len(set(keys)) < len(keys):
+        table = pd.Series(keys, dtype=object)
+        repeat = table.groupby(table).cumcount()
+        keys = table.where(repeat == 0, table + "#" + repeat.astype(str)).tolist()
+    return np.array([_sha1_int(k) for k in keys], dtype=np.uint64)
 
 
 def cs_array(columns: dict[str, object], n: int) -> np.ndarray:
@@ -306,15 +312,22 @@ def cs_array(columns: dict[str, object], n: int) -> np.ndarray:
     values, dtypes = {}, []
     for name in [f for f in CS_LAYOUT if f in columns]:
         base, shape = CS_LAYOUT[name]
-        values[name] = columns[name]
+        values[name] = _utf8(columns[name]) if base == "S" else columns[name]
         if base == "S":
-            values[name] = np.char.encode(np.asarray(columns[name], dtype=str), "utf-8")
             base = f"S{max(1, values[name].dtype.itemsize)}"
         dtypes.append((name, base, shape))
     out = np.zeros(n, dtype=dtypes)
     for name, value in values.items():
         out[name] = value
     return out
+
+
+def _utf8(values) -> np.ndarray:
+    """Text (a string, or one per row) as UTF-8 byte strings, each distinct value encoded once."""
+    if isinstance(values, str):
+        return np.array(values.encode("utf-8"), dtype="S")
+    codes, uniques = pd.factorize(pd.Series(values, dtype=object).astype(str))
+    return np.array([u.encode("utf-8") for u in uniques], dtype="S")[codes]
 
 
 def merge_fields(base: np.ndarray, new: np.ndarray) -> np.ndarray:
@@ -346,21 +359,22 @@ def relion31_to_cs(
     ``src`` names the input in error messages.
     """
     n = len(particles)
-    number, at, path = particles["rlnImageName"].astype(str).str.partition("@").T.to_numpy()
-    bare = at == ""  # a name without "@" is the first image of that file
-    number, path = np.where(bare, "1", number), np.where(bare, number, path)
+    parts = [name.partition("@") for name in particles["rlnImageName"].astype(str).tolist()]
+    number = np.array([int(k) if at else 1 for k, at, _ in parts], dtype=np.int64)  # bare: image 1
+    path = [stack if at else k for k, at, stack in parts]
     group = optics.set_index(pd.to_numeric(optics["rlnOpticsGroup"]).astype(np.int64))
     per = group.reindex(pd.to_numeric(particles["rlnOpticsGroup"]).astype(np.int64).to_numpy())
     box = per["rlnImageSize"].to_numpy(np.int64)
-    sigs = {f: sha1_uint64(str(f)) for f in set(stack_files)}
+    codes, files = pd.factorize(pd.Series(stack_files, dtype=object).astype(str))
+    sigs = np.array([_sha1_int(f) for f in files], dtype=np.uint64)
     columns: dict[str, np.ndarray] = {
         "uid": np.asarray(uid, dtype=np.uint64),
         "blob/path": path,
-        "blob/idx": number.astype(np.int64) - 1,
+        "blob/idx": number - 1,
         "blob/shape": np.stack([box, box], axis=1),
         "blob/psize_A": per["rlnImagePixelSize"].to_numpy(np.float64),
         "blob/sign": IMPORTED_SIGN,
-        "blob/import_sig": np.array([sigs[f] for f in stack_files], dtype=np.uint64),
+        "blob/import_sig": sigs[codes],
     }
     if "rlnDefocusU" in particles:
         columns.update(_relion_ctf_fields(particles, per, src))
