@@ -19,6 +19,7 @@ from conftest import make_run_folder, write_particle_set
 from scipy.spatial.transform import Rotation
 
 from tvae_em.cli import main
+from tvae_em.clustering import soft_classes
 from tvae_em.embed import EmbedOptions, embed_particles
 from tvae_em.errors import UserError
 from tvae_em.geometry import wrap_degrees
@@ -162,8 +163,9 @@ def test_alignments2d_is_a_whole_2d_classification_slot(embedded, kind):
     origin = cs["alignments2D/shift"] * psize[:, None]
     np.testing.assert_allclose(origin, p[["rlnOriginXAngst", "rlnOriginYAngst"]], atol=1e-3)
     np.testing.assert_array_equal(cs["alignments2D/class"], p["rlnClassNumber"] - 1)
-    np.testing.assert_array_equal(cs["alignments2D/class_posterior"], 1.0)  # hard k-means
-    np.testing.assert_array_equal(cs["alignments2D/class_ess"], 1.0)
+    posterior, ess = cs["alignments2D/class_posterior"], cs["alignments2D/class_ess"]
+    assert ((posterior >= 0.5 - 1e-6) & (posterior <= 1)).all()  # its own class is the likeliest
+    assert ((ess >= 1 - 1e-6) & (ess <= 2 + 1e-6)).all() and (ess >= 1 / posterior - 1e-5).all()
     np.testing.assert_array_equal(cs["alignments2D/alpha"], 1.0)
     for field in ("split", "error", "cross_cor", "pose_ess", "shift_ess", "weight"):
         np.testing.assert_array_equal(cs[f"alignments2D/{field}"], 0, err_msg=field)
@@ -239,6 +241,8 @@ def test_every_ctf_column_round_trips_through_a_cs(tmp_path, make_run):
     np.testing.assert_array_equal(cs["ctf/exp_group_id"], p["rlnOpticsGroup"])
     np.testing.assert_allclose(cs["ctf/accel_kv"], np.where(p["rlnOpticsGroup"] == 1, 300, 200))
     np.testing.assert_array_equal(cs["alignments2D/class"], 0)  # no --classes: one class
+    np.testing.assert_array_equal(cs["alignments2D/class_posterior"], 1.0)
+    np.testing.assert_array_equal(cs["alignments2D/class_ess"], 1.0)
     back = ParticleStack.open(tmp_path / "e.cs")
     a, b = back.ctf_params(), ParticleStack.open(star).ctf_params()
     for key in ("dfu_A", "dfv_A", "dfang_deg", "phase_shift_deg", "bfactor", "volt_kv"):
@@ -279,3 +283,20 @@ def test_cs_refused_for_phase_flipped_images(tmp_path, make_run):
     with pytest.raises(UserError, match=r"--cs: the images of .*phase-flipped.*--original"):
         embed_particles(opts)
     assert not list(tmp_path.glob("e.*"))
+
+
+def test_soft_classes_read_k_means_softly():
+    """Points deep in a class are certain of it; one midway between two is split half and half."""
+    rng = np.random.default_rng(1)
+    blobs = [rng.normal(0, 0.3, (20, 2)) + [-4, 0], rng.normal(0, 0.3, (20, 2)) + [4, 0]]
+    z = np.concatenate([*blobs, [[0.0, 0.5], [0.0, -0.5]]])  # two points midway, one per class
+    labels = np.r_[np.ones(20), np.full(20, 2), 1, 2].astype(np.int64)
+    own, ess = soft_classes(z, np.full_like(z, 0.1), labels)
+    assert (own[:40] > 0.999).all() and (ess[:40] < 1.001).all()
+    np.testing.assert_allclose(own[40:], 0.5, atol=0.1)
+    np.testing.assert_allclose(ess[40:], 2.0, atol=0.1)
+    wide, _ = soft_classes(z, np.full_like(z, 4.0), labels)  # an uncertain z is less certain
+    assert (wide[:40] < own[:40]).all() and (wide[:40] > 0.5).all()
+    one, one_ess = soft_classes(z, np.zeros_like(z), np.ones(len(z), np.int64))
+    np.testing.assert_array_equal(one, 1.0)
+    np.testing.assert_array_equal(one_ess, 1.0)

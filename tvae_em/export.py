@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .clustering import soft_classes
 from .errors import UserError
 from .geometry import cryosparc_pose
 from .inference import Embedding
@@ -213,7 +214,7 @@ def _stack_reference(name: str, path: str, out_dir: Path) -> str:
 
 # alignments2D fields tvae-em does not measure, with the values that mean "not measured" (those
 # of cryoSPARC's own 2D classification where it leaves a field unused: split, error_min, resid_pow,
-# weight, pose_ess, shift_ess 0 and alpha 1); class_posterior and class_ess 1 (a hard assignment).
+# weight, pose_ess, shift_ess 0 and alpha 1).
 ALIGNMENTS2D_UNMEASURED = {
     f"{CS_ALIGN}{name}": value
     for name, value in [
@@ -229,8 +230,6 @@ ALIGNMENTS2D_UNMEASURED = {
         ("weight", 0.0),
         ("pose_ess", 0.0),
         ("shift_ess", 0.0),
-        ("class_posterior", 1.0),
-        ("class_ess", 1.0),
     ]
 }
 
@@ -284,16 +283,20 @@ def star_cs_fields(stack: ParticleStack, rows: np.ndarray, out_dir: Path) -> np.
 def alignments2d_fields(emb: Embedding, psize: np.ndarray) -> np.ndarray:
     """The alignments2D/* fields of a cryoSPARC 2D classification for the embedding: pose
     (radians) and shift (pixels of size ``psize`` (n,)) by `geometry.cryosparc_pose`, class
-    (0-based; 0 for all without classes) and `ALIGNMENTS2D_UNMEASURED` for the rest."""
+    (0-based; 0 for all without classes) with its soft reading (`clustering.soft_classes`:
+    class_posterior, class_ess) and `ALIGNMENTS2D_UNMEASURED` for the rest."""
     psi, origin = emb.relion_pose()
     pose, shift = cryosparc_pose(psi, origin, psize)
     labels = emb.labels if emb.labels is not None else np.ones(len(emb), np.int64)
+    posterior, ess = soft_classes(emb.z_mu, emb.z_sd, labels)
     columns = {
         **ALIGNMENTS2D_UNMEASURED,
         f"{CS_ALIGN}shift": shift,
         f"{CS_ALIGN}pose": pose,
         f"{CS_ALIGN}psize_A": np.asarray(psize, dtype=np.float64),
         f"{CS_ALIGN}class": np.asarray(labels, dtype=np.int64) - 1,
+        f"{CS_ALIGN}class_posterior": posterior,
+        f"{CS_ALIGN}class_ess": ess,
     }
     return cs_array(columns, len(emb))
 
