@@ -148,6 +148,8 @@ def test_cs_from_a_cs_keeps_every_field_verbatim(embedded):
     np.testing.assert_array_equal(after["uid"], before["uid"])
     for field in before.fields():
         np.testing.assert_array_equal(after[field], before[field], err_msg=field)
+    joined = before.innerjoin(after.filter_prefix("alignments2D"))  # cryoSPARC joins on uid
+    assert len(joined) == 7 and "alignments2D/pose" in joined.fields()
 
 
 @pytest.mark.parametrize("kind", ["star", "cs"])
