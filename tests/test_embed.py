@@ -22,6 +22,7 @@ from tvae_em.errors import UserError
 from tvae_em.export import match_rows
 from tvae_em.geometry import wrap_degrees
 from tvae_em.io import write_stack, write_star
+from tvae_em.io.cs import particle_uids
 from tvae_em.synthetic import glyphs
 
 BOX, N = 16, 30
@@ -63,6 +64,9 @@ def _two_group_star(folder: Path, images: np.ndarray) -> Path:
             "rlnCoordinateX": rng.uniform(0, 4000, n).round(1),
             "rlnCoordinateY": rng.uniform(0, 4000, n).round(1),
             "rlnOpticsGroup": np.arange(n) % 2 + 1,
+            "rlnDefocusU": rng.uniform(10000, 30000, n).round(1),
+            "rlnDefocusV": rng.uniform(10000, 30000, n).round(1),
+            "rlnDefocusAngle": rng.uniform(-180, 180, n).round(2),
             "rlnAngleRot": rng.uniform(-180, 180, n),
             "rlnAnglePsi": np.zeros(n),
             "rlnOriginXAngst": np.full(n, 99.0),
@@ -172,9 +176,11 @@ def test_cs_from_a_star_input(data):
     cs = np.load(data["out"] / "e.cs")
     p = _read(data["out"] / "e.star")["particles"]
     assert cs.dtype["alignments2D/shift"].shape == (2,)
-    np.testing.assert_array_equal(cs["uid"], np.arange(N))
+    names = _read(data["star"])["particles"]["rlnImageName"]  # as read: the uid is stable
+    np.testing.assert_array_equal(cs["uid"], particle_uids(names))
     np.testing.assert_array_equal(cs["alignments2D/class"], p["rlnClassNumber"] - 1)
-    np.testing.assert_allclose(np.degrees(cs["alignments2D/pose"]), p["rlnAnglePsi"], atol=1e-3)
+    psi = wrap_degrees(np.degrees(cs["alignments2D/pose"]))
+    np.testing.assert_allclose(psi, p["rlnAnglePsi"], atol=1e-3)
     psize = cs["alignments2D/psize_A"]
     np.testing.assert_allclose(psize, np.where(p["rlnOpticsGroup"] == 1, 2.0, 2.5))
     np.testing.assert_allclose(
@@ -277,7 +283,8 @@ def test_original_rows_matched_after_skipped_particles(data, tmp_path):
     )
     o = _read(tmp_path / "s_original.star")["particles"]
     np.testing.assert_allclose(o["rlnCoordinateX"], sub["rlnCoordinateX"])
-    np.testing.assert_array_equal(np.load(tmp_path / "s.cs")["uid"], keep)
+    uids = particle_uids(full["particles"]["rlnImageName"])  # the rows of the original star
+    np.testing.assert_array_equal(np.load(tmp_path / "s.cs")["uid"], uids[keep])
 
 
 def test_match_rows_refuses_unmatchable():

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import mrcfile
 import numpy as np
+import pandas as pd
 import pytest
 
 from tvae_em.errors import UserError
@@ -17,6 +19,7 @@ from tvae_em.io import (
     read_cs,
     write_cs,
 )
+from tvae_em.io.cs import cs_array, particle_uids, relion31_to_cs, sha1_uint64
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cryodrgn-tests"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared test data not found at {DATA}")
@@ -146,3 +149,68 @@ def test_bad_cs_files(tmp_path):
     cs = _toy_cs(tmp_path, "J1/none.mrcs")
     with pytest.raises(UserError, match=r"none\.mrcs .*particle 1 .*--datadir"):
         ParticleStack.open(cs)
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["cryosparc_J2_particles_exported.cs", "empiar_10076_7.cs"])
+def test_relion31_to_cs_inverts_cs_to_relion31(name):
+    """cryoSPARC -> RELION -> cryoSPARC gives back cryoSPARC's blob/* and ctf/* values."""
+    arr = read_cs(DATA / name)
+    df = cs_to_dataframe(arr)
+    box = int(arr["blob/shape"][0, 0])
+    particles, optics = cs_to_relion31(df, arr["blob/psize_A"].astype(np.float64), box)
+    back = relion31_to_cs(particles, optics, arr["uid"], np.array(["/x.mrcs"] * len(arr)))
+    np.testing.assert_array_equal(back["uid"], arr["uid"])
+    paths = np.char.lstrip(arr["blob/path"], b">")
+    np.testing.assert_array_equal(back["blob/path"], paths)
+    renamed = ("blob/path", "blob/import_sig", "ctf/exp_group_id")  # other file, groups from 1
+    compared = [f for f in back.dtype.names if f in arr.dtype.names and f not in renamed]
+    assert len(compared) >= 20
+    for field in compared:
+        if back.dtype[field].kind == "f":
+            np.testing.assert_allclose(back[field], arr[field], rtol=1e-6, err_msg=field)
+        else:
+            np.testing.assert_array_equal(back[field], arr[field], err_msg=field)
+    assert back.dtype["ctf/df1_A"] == arr.dtype["ctf/df1_A"]
+
+
+def test_particle_uids_are_stable_and_distinct():
+    names = pd.Series(["1@a.mrcs", "2@a.mrcs", "1@a.mrcs", " 2@a.mrcs", "1@b.mrcs"])
+    uids = particle_uids(names)
+    assert uids.dtype == np.uint64 and len(set(uids)) == 5  # a repeated name gets its own uid
+    np.testing.assert_array_equal(particle_uids(names), uids)  # the same every time
+    np.testing.assert_array_equal(particle_uids(names[:2]), uids[:2])  # rows do not shift it
+    assert uids[0] == sha1_uint64("1@a.mrcs") and uids[2] == sha1_uint64("1@a.mrcs#1")
+    digest = hashlib.sha1(b"1@a.mrcs").digest()
+    assert int(uids[0]) == int.from_bytes(digest[:8], "little")
+
+
+def test_relion31_to_cs_refuses_a_bad_scale_factor():
+    particles = pd.DataFrame(
+        {
+            "rlnImageName": ["1@s.mrcs", "2@s.mrcs"],
+            "rlnOpticsGroup": [1, 1],
+            "rlnDefocusU": [1e4, 1e4],
+            "rlnCtfScalefactor": ["1.0", "abc"],
+        }
+    )
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroup": [1],
+            "rlnImagePixelSize": [1.0],
+            "rlnImageSize": [8],
+            "rlnVoltage": [300.0],
+            "rlnSphericalAberration": [2.7],
+            "rlnAmplitudeContrast": [0.1],
+        }
+    )
+    files = np.array(["/s.mrcs"] * 2)
+    with pytest.raises(UserError, match=r"particle 2 of p\.star: rlnCtfScalefactor is abc"):
+        relion31_to_cs(particles, optics, np.arange(2, dtype=np.uint64), files, "p.star")
+    particles["rlnCtfScalefactor"] = 1.0
+    particles["rlnImageName"] = ["s.mrcs", "2@s.mrcs"]  # no "@": the first image
+    cs = relion31_to_cs(particles, optics, np.arange(2, dtype=np.uint64), files)
+    np.testing.assert_array_equal(cs["blob/idx"], [0, 1])
+    np.testing.assert_array_equal(cs["ctf/df2_A"], 1e4)  # RELION: V defaults to U
+    with pytest.raises(KeyError, match="no cryoSPARC layout"):
+        cs_array({"tvae/z": np.zeros(2)}, 2)

@@ -158,7 +158,7 @@ def test_particle_mode_gives_the_same_centres_for_one_object(particles):
 @pytest.mark.parametrize("recentre", ["class", "none"])
 def test_relion_reextraction_centres_every_particle(particles, recentre):
     star = _embed(particles, f"relion-{recentre}", recentre)
-    project = star.parent
+    project = particles["root"]  # RELION runs in the project folder, the star in a subfolder
     rel = os.path.relpath(star, project)
     subprocess.run(
         [

@@ -116,7 +116,8 @@ def exported(posed, tmp_path_factory):
     from conftest import make_run_folder, write_particle_set
 
     root = tmp_path_factory.mktemp("roundtrip")
-    full_star = write_particle_set(root / "full", posed["full"], APIX_FULL)
+    defocus = {"rlnDefocusU": np.full(N, 15000.0), "rlnDefocusV": np.full(N, 14500.0)}
+    full_star = write_particle_set(root / "full", posed["full"], APIX_FULL, extra=defocus)
     prep_star = write_particle_set(root / "prep", posed["prep"], APIX_PREP)
     run = make_run_folder(root / "run", PREP, norm=NORM)
     oracle = OracleModel(None, posed["prep"], posed["theta"], posed["t"])
@@ -189,5 +190,6 @@ def test_relion_pose_formulas():
     np.testing.assert_allclose(origin, -t * 2.5)
     assert ((psi > -180) & (psi <= 180)).all()
     pose, shift = cryosparc_pose(psi, origin, np.full(5, 2.5))
-    np.testing.assert_allclose(np.degrees(pose), psi)
+    assert ((pose >= 0) & (pose < 2 * math.pi)).all()  # cryoSPARC's range
+    np.testing.assert_allclose(wrap_degrees(np.degrees(pose)), psi, atol=1e-9)
     np.testing.assert_allclose(shift, -t)

@@ -73,3 +73,35 @@ def assign_classes(z: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     new_of_old = np.empty(k, np.int64)
     new_of_old[order] = np.arange(1, k + 1)
     return new_of_old[labels]
+
+
+def soft_classes(
+    z_mu: np.ndarray, z_sd: np.ndarray, labels: np.ndarray, chunk: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
+    """Soft reading of 1-based classes `labels` (n,) of latent means z_mu (n, d): for each particle
+    the probability of its own class and the effective number of classes 1 / sum_k p_k^2.
+
+    p_k is the responsibility of class k in an equal-weight mixture of isotropic Gaussians at the
+    class means, with the pooled within-class variance s^2, each particle's z uncertain by its
+    posterior sd: p_k ~ exp(-|z - c_k|^2 / (2 (s^2 + mean(z_sd^2)))). The most probable class is
+    the nearest mean, i.e. the k-means class.
+    """
+    z = np.asarray(z_mu, dtype=np.float64).reshape(len(labels), -1)
+    labels = np.asarray(labels, dtype=np.int64) - 1
+    k, d = int(labels.max()) + 1, z.shape[1]
+    centres = np.stack(
+        [z[labels == j].mean(0) if (labels == j).any() else z.mean(0) for j in range(k)]
+    )
+    s2 = float(((z - centres[labels]) ** 2).sum()) / (len(z) * d)
+    var = s2 + (np.asarray(z_sd, dtype=np.float64).reshape(len(z), -1) ** 2).mean(1)
+    var = np.maximum(var, 1e-12)
+    own, ess = np.empty(len(z)), np.empty(len(z))
+    for start in range(0, len(z), chunk):
+        part = slice(start, start + chunk)
+        logits = -_sq_dist(z[part], centres) / (2 * var[part, None])  # (B, k)
+        logits -= logits.max(1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(1, keepdims=True)
+        own[part] = p[np.arange(len(p)), labels[part]]
+        ess[part] = 1.0 / (p**2).sum(1)
+    return own, ess

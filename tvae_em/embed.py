@@ -18,6 +18,7 @@ from .ctf import batch_ctf
 from .data import BatchDataset, check_num_workers, epoch_batches, make_loader
 from .errors import UserError
 from .export import (
+    check_cs_source,
     cs_table,
     embedding_columns,
     open_original,
@@ -119,6 +120,8 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
         orig is not None,
         [input, opts.original],
     )
+    if plan.cs is not None:
+        check_cs_source(orig if orig is not None else stack)
     apix = stack.apix  # (n,) UserError when unknown
     use_ctf = (opts.with_elbo or opts.refine) and trained.uses_ctf(stack)
     ctf_for = _ctf_function(stack, input, dev) if use_ctf else None

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .clustering import soft_classes
 from .errors import UserError
 from .geometry import cryosparc_pose
 from .inference import Embedding
@@ -32,6 +33,7 @@ from .io import (
     write_cs,
     write_star,
 )
+from .io.cs import cs_array, merge_fields, particle_uids, relion31_to_cs
 
 Z_PREFIX = "tvaeZ"
 Z_SD_PREFIX = "tvaeZsd"
@@ -238,24 +240,91 @@ def rebase_image_names(names: pd.Series, stack, rows: np.ndarray) -> pd.Series:
     return (parts[0] + "@" + new).where(has_at, new)
 
 
+# alignments2D fields tvae-em does not measure, with the values that mean "not measured" (those
+# of cryoSPARC's own 2D classification where it leaves a field unused: split, error_min, resid_pow,
+# weight, pose_ess, shift_ess 0 and alpha 1).
+ALIGNMENTS2D_UNMEASURED = {
+    f"{CS_ALIGN}{name}": value
+    for name, value in [
+        ("split", 0),
+        ("error", 0.0),
+        ("error_min", 0.0),
+        ("resid_pow", 0.0),
+        ("slice_pow", 0.0),
+        ("image_pow", 0.0),
+        ("cross_cor", 0.0),
+        ("alpha", 1.0),
+        ("alpha_min", 1.0),
+        ("weight", 0.0),
+        ("pose_ess", 0.0),
+        ("shift_ess", 0.0),
+    ]
+}
+
+
+def check_cs_source(stack: ParticleStack, option: str = "--cs") -> None:
+    """UserError, before any work, when a .cs of ``stack`` would be of no use to cryoSPARC: a star
+    or stack without defocus (no ctf/* to write) or with phase-flipped images."""
+    if stack.writes_cs:
+        return
+    params = stack.ctf_params()
+    if params is None:
+        raise UserError(
+            f"{option}: {stack.source} has no defocus (rlnDefocusU), so the .cs would have no "
+            "ctf/* fields and cryoSPARC could not use it (give --original with the star that has "
+            "the CTF)"
+        )
+    if params.phase_flipped is not None and (params.phase_flipped > 0.5).any():
+        raise UserError(
+            f"{option}: the images of {stack.source} are phase-flipped (preprocess --phase-flip) "
+            "and cryoSPARC would correct their CTF again; give --original with the raw star"
+        )
+
+
 def cs_table(stack: ParticleStack, emb: Embedding, rows: np.ndarray) -> np.ndarray:
-    """cryoSPARC structured array of `stack`'s `rows`: uid (+ every field of a .cs input) and
-    alignments2D/* with shifts in pixels of that stack."""
-    psize = stack.apix[rows]
+    """cryoSPARC structured array of `stack`'s `rows` (docs/outputs.md): every field of a .cs
+    input kept verbatim, else uid, blob/* and ctf/* from the star (`star_cs_fields`, stack paths
+    as in a star: from the working directory); then the alignments2D/* of a 2D classification,
+    shifts in pixels of that stack (input alignments2D/* replaced)."""
+    if stack.writes_cs:
+        base = dataframe_to_cs(*stack.cs_fields(rows))
+    else:
+        base = star_cs_fields(stack, rows)
+    kept = [n for n in base.dtype.names if not n.startswith(CS_ALIGN)]
+    return merge_fields(base[kept], alignments2d_fields(emb, stack.apix[rows]))
+
+
+def star_cs_fields(stack: ParticleStack, rows: np.ndarray) -> np.ndarray:
+    """uid, blob/* and ctf/* of a star's (or bare stack's) particles ``rows``: the uid from each
+    particle's rlnImageName as read (`particle_uids`), blob/path the stack part of the image name
+    a written star gets (`rebase_image_names`)."""
+    particles, optics = stack.relion31_tables()
+    uid = particle_uids(particles["rlnImageName"])[rows]
+    particles = particles.iloc[rows].reset_index(drop=True)
+    particles["rlnImageName"] = rebase_image_names(particles["rlnImageName"], stack, rows)
+    files = stack.stack_paths[rows]
+    return relion31_to_cs(particles, optics, uid, files, str(stack.source))
+
+
+def alignments2d_fields(emb: Embedding, psize: np.ndarray) -> np.ndarray:
+    """The alignments2D/* fields of a cryoSPARC 2D classification for the embedding: pose
+    (radians) and shift (pixels of size ``psize`` (n,)) by `geometry.cryosparc_pose`, class
+    (0-based; 0 for all without classes) with its soft reading (`clustering.soft_classes`:
+    class_posterior, class_ess) and `ALIGNMENTS2D_UNMEASURED` for the rest."""
     psi, origin = emb.relion_pose()
     pose, shift = cryosparc_pose(psi, origin, psize)
-    labels = emb.labels
-    df, template = stack.cs_fields(rows)
-    df = df[[c for c in df.columns if not c.startswith(CS_ALIGN)]].copy()
-    if template is not None:
-        template = np.dtype([d for d in template.descr if d[0] and not d[0].startswith(CS_ALIGN)])
-    df[f"{CS_ALIGN}pose"] = pose.astype(np.float32)
-    df[f"{CS_ALIGN}shift[0]"] = shift[:, 0].astype(np.float32)
-    df[f"{CS_ALIGN}shift[1]"] = shift[:, 1].astype(np.float32)
-    df[f"{CS_ALIGN}psize_A"] = np.asarray(psize, dtype=np.float32)
-    if labels is not None:
-        df[f"{CS_ALIGN}class"] = (labels - 1).astype(np.uint32)
-    return dataframe_to_cs(df, template)
+    labels = emb.labels if emb.labels is not None else np.ones(len(emb), np.int64)
+    posterior, ess = soft_classes(emb.z_mu, emb.z_sd, labels)
+    columns = {
+        **ALIGNMENTS2D_UNMEASURED,
+        f"{CS_ALIGN}shift": shift,
+        f"{CS_ALIGN}pose": pose,
+        f"{CS_ALIGN}psize_A": np.asarray(psize, dtype=np.float64),
+        f"{CS_ALIGN}class": np.asarray(labels, dtype=np.int64) - 1,
+        f"{CS_ALIGN}class_posterior": posterior,
+        f"{CS_ALIGN}class_ess": ess,
+    }
+    return cs_array(columns, len(emb))
 
 
 def write_outputs(plan: OutputPlan, tables: dict[str, object]) -> None:

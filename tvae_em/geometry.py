@@ -104,10 +104,11 @@ def relion_pose(
 def cryosparc_pose(
     psi_deg: np.ndarray, origin_A: np.ndarray, psize: np.ndarray | float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """alignments2D pose (n,) rad and shift (n, 2) px that pyem's csparc2star maps to the given
-    RELION psi/origins (psi = degrees(pose), origin = shift * psize; no sign change)."""
+    """alignments2D pose (n,) rad in [0, 2 pi) (cryoSPARC's range) and shift (n, 2) px that pyem's
+    csparc2star maps to the given RELION psi/origins (psi = degrees(pose), origin = shift * psize;
+    no sign change); docs/outputs.md says how the sign was checked."""
     shift = np.asarray(origin_A, dtype=np.float64) / np.asarray(psize, np.float64).reshape(-1, 1)
-    return np.radians(psi_deg), shift
+    return np.mod(np.radians(psi_deg), 2 * np.pi), shift
 
 
 def relion_from_cryosparc(

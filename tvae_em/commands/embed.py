@@ -45,7 +45,8 @@ from .options import (
     "--cs",
     "cs_out",
     type=click.Path(dir_okay=False),
-    help="Also write a cryoSPARC .cs (of --original when given, else of INPUT).",
+    help="Also write a cryoSPARC .cs (of --original when given, else of INPUT): blob/*, ctf/* "
+    "(or a .cs input's fields) and alignments2D/*; needs particles with defocus.",
 )
 @click.option(
     "--npz",

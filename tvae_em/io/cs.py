@@ -7,6 +7,7 @@ byte strings become str. :func:`dataframe_to_cs` reverses this.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -34,6 +35,75 @@ CTF_OPTICS_FIELDS = {
     "ctf/accel_kv": "rlnVoltage",
     "ctf/cs_mm": "rlnSphericalAberration",
     "ctf/amp_contrast": "rlnAmplitudeContrast",
+}
+# RELION's value when a per-particle CTF column is absent (rlnDefocusV: rlnDefocusU).
+RELION_CTF_DEFAULTS = {
+    "rlnDefocusAngle": 0.0,
+    "rlnPhaseShift": 0.0,
+    "rlnCtfBfactor": 0.0,
+    "rlnCtfScalefactor": 1.0,
+}
+# The layout (base dtype, shape) cryoSPARC gives each field tvae-em writes, in cryoSPARC's order,
+# as in its own particle files (tests/test_cryosparc_tools.py compares them with real ones).
+# "S" fields are byte strings as wide as their longest value.
+BLOB_LAYOUT = {
+    "blob/path": ("S", ()),
+    "blob/idx": ("<u4", ()),
+    "blob/shape": ("<u4", (2,)),
+    "blob/psize_A": ("<f4", ()),
+    "blob/sign": ("<f4", ()),
+    "blob/import_sig": ("<u8", ()),
+}
+CTF_LAYOUT = {
+    "ctf/type": ("S", ()),
+    "ctf/exp_group_id": ("<u4", ()),
+    "ctf/accel_kv": ("<f4", ()),
+    "ctf/cs_mm": ("<f4", ()),
+    "ctf/amp_contrast": ("<f4", ()),
+    "ctf/df1_A": ("<f4", ()),
+    "ctf/df2_A": ("<f4", ()),
+    "ctf/df_angle_rad": ("<f4", ()),
+    "ctf/phase_shift_rad": ("<f4", ()),
+    "ctf/scale": ("<f4", ()),
+    "ctf/scale_const": ("<f4", ()),
+    "ctf/shift_A": ("<f4", (2,)),
+    "ctf/tilt_A": ("<f4", (2,)),
+    "ctf/trefoil_A": ("<f4", (2,)),
+    "ctf/tetra_A": ("<f4", (4,)),
+    "ctf/anisomag": ("<f4", (4,)),
+    "ctf/bfactor": ("<f4", ()),
+}
+ALIGNMENTS2D_LAYOUT = {
+    f"alignments2D/{name}": (base, shape)
+    for name, base, shape in [
+        ("split", "<u4", ()),
+        ("shift", "<f4", (2,)),
+        ("pose", "<f4", ()),
+        ("psize_A", "<f4", ()),
+        ("error", "<f4", ()),
+        ("error_min", "<f4", ()),
+        ("resid_pow", "<f4", ()),
+        ("slice_pow", "<f4", ()),
+        ("image_pow", "<f4", ()),
+        ("cross_cor", "<f4", ()),
+        ("alpha", "<f4", ()),
+        ("alpha_min", "<f4", ()),
+        ("weight", "<f4", ()),
+        ("pose_ess", "<f4", ()),
+        ("shift_ess", "<f4", ()),
+        ("class_posterior", "<f4", ()),
+        ("class", "<u4", ()),
+        ("class_ess", "<f4", ()),
+    ]
+}
+CS_LAYOUT = {"uid": ("<u8", ()), **BLOB_LAYOUT, **CTF_LAYOUT, **ALIGNMENTS2D_LAYOUT}
+# Particles imported into cryoSPARC are dark on a light background (blob/sign -1), and the CTF
+# fields no RELION column gives are zero, as in cryoSPARC's own imports of RELION stars.
+IMPORTED_SIGN = -1.0
+CTF_TYPE = "imported"
+CTF_UNCONVERTED = {  # beam tilt, higher-order aberrations, anisotropic magnification
+    f"ctf/{name}": 0.0
+    for name in ("scale_const", "shift_A", "tilt_A", "trefoil_A", "tetra_A", "anisomag")
 }
 _SUB = re.compile(r"^(.*)\[(\d+)\]$")
 
@@ -209,3 +279,132 @@ def cs_to_relion31(
     group, optics = build_optics(ctf, apix, box, key=key)
     p["rlnOpticsGroup"] = group
     return p, optics
+
+
+# ---- RELION -> cryoSPARC ------------------------------------------------------------------------
+def sha1_uint64(text: str) -> np.uint64:
+    """The first 8 bytes of SHA-1 of ``text`` (UTF-8) as a little-endian uint64: cryoSPARC's
+    import signature of an absolute path, and tvae-em's uid of a particle of a star."""
+    return np.uint64(_sha1_int(text))
+
+
+def _sha1_int(text: str) -> int:
+    return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "little")
+
+
+def particle_uids(names: pd.Series) -> np.ndarray:
+    """A stable uid (n,) uint64 per particle of a star: `sha1_uint64` of its rlnImageName as
+    read; the k-th repeat (k >= 1) of a name hashes "name#k", so every particle has its own."""
+    keys = [name.strip() for name in names.astype(str).tolist()]
+    if len(set(keys)) < len(keys):
+        table = pd.Series(keys, dtype=object)
+        repeat = table.groupby(table).cumcount()
+        keys = table.where(repeat == 0, table + "#" + repeat.astype(str)).tolist()
+    return np.array([_sha1_int(k) for k in keys], dtype=np.uint64)
+
+
+def cs_array(columns: dict[str, object], n: int) -> np.ndarray:
+    """A structured array of ``n`` rows from whole-field values (scalars broadcast), laid out
+    (dtype, shape, order) as `CS_LAYOUT` says; a name outside it is a KeyError."""
+    unknown = set(columns) - set(CS_LAYOUT)
+    if unknown:
+        raise KeyError(f"no cryoSPARC layout for {sorted(unknown)}")
+    values, dtypes = {}, []
+    for name in [f for f in CS_LAYOUT if f in columns]:
+        base, shape = CS_LAYOUT[name]
+        values[name] = _utf8(columns[name]) if base == "S" else columns[name]
+        if base == "S":
+            base = f"S{max(1, values[name].dtype.itemsize)}"
+        dtypes.append((name, base, shape))
+    out = np.zeros(n, dtype=dtypes)
+    for name, value in values.items():
+        out[name] = value
+    return out
+
+
+def _utf8(values) -> np.ndarray:
+    """Text (a string, or one per row) as UTF-8 byte strings, each distinct value encoded once."""
+    if isinstance(values, str):
+        return np.array(values.encode("utf-8"), dtype="S")
+    codes, uniques = pd.factorize(pd.Series(values, dtype=object).astype(str))
+    return np.array([u.encode("utf-8") for u in uniques], dtype="S")[codes]
+
+
+def merge_fields(base: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """The fields of ``base`` (those ``new`` also has left out) followed by those of ``new``."""
+    keep = [d for d in base.dtype.descr if d[0] and d[0] not in new.dtype.names]
+    out = np.zeros(len(base), dtype=keep + new.dtype.descr)
+    for name in base.dtype.names:
+        if name not in new.dtype.names:
+            out[name] = base[name]
+    for name in new.dtype.names:
+        out[name] = new[name]
+    return out
+
+
+def relion31_to_cs(
+    particles: pd.DataFrame,
+    optics: pd.DataFrame,
+    uid: np.ndarray,
+    stack_files: np.ndarray,
+    src: str = "the particles",
+) -> np.ndarray:
+    """uid, blob/* and ctf/* of RELION 3.1 (particles, optics): the inverse of `cs_to_relion31`
+    (ctf/* through the same `CTF_PARTICLE_FIELDS` / `CTF_OPTICS_FIELDS` table).
+
+    ``particles`` has rlnImageName (``N@path``: blob/idx = N - 1, blob/path = path as written) and
+    rlnOpticsGroup; ``stack_files`` (n,) are the absolute stack files (blob/import_sig).
+    ctf/* are written when the particles have rlnDefocusU; the optics then need voltage, Cs and
+    amplitude contrast (checked by `ctf_columns.relion_ctf_params` when the stack is opened).
+    ``src`` names the input in error messages.
+    """
+    n = len(particles)
+    parts = [name.partition("@") for name in particles["rlnImageName"].astype(str).tolist()]
+    number = np.array([int(k) if at else 1 for k, at, _ in parts], dtype=np.int64)  # bare: image 1
+    path = [stack if at else k for k, at, stack in parts]
+    group = optics.set_index(pd.to_numeric(optics["rlnOpticsGroup"]).astype(np.int64))
+    per = group.reindex(pd.to_numeric(particles["rlnOpticsGroup"]).astype(np.int64).to_numpy())
+    box = per["rlnImageSize"].to_numpy(np.int64)
+    codes, files = pd.factorize(pd.Series(stack_files, dtype=object).astype(str))
+    sigs = np.array([_sha1_int(f) for f in files], dtype=np.uint64)
+    columns: dict[str, np.ndarray] = {
+        "uid": np.asarray(uid, dtype=np.uint64),
+        "blob/path": path,
+        "blob/idx": number - 1,
+        "blob/shape": np.stack([box, box], axis=1),
+        "blob/psize_A": per["rlnImagePixelSize"].to_numpy(np.float64),
+        "blob/sign": IMPORTED_SIGN,
+        "blob/import_sig": sigs[codes],
+    }
+    if "rlnDefocusU" in particles:
+        columns.update(_relion_ctf_fields(particles, per, src))
+    return cs_array(columns, n)
+
+
+def _relion_ctf_fields(particles: pd.DataFrame, per_optics: pd.DataFrame, src: str) -> dict:
+    """ctf/* values from RELION columns (per-particle optics values in ``per_optics``), each
+    divided by the factor of the one mapping table; RELION's defaults for absent columns."""
+    values = {"rlnDefocusV": particles["rlnDefocusU"], **RELION_CTF_DEFAULTS}
+    values.update({c: particles[c] for c in particles.columns})
+    out: dict[str, np.ndarray | float | str] = {"ctf/type": CTF_TYPE, **CTF_UNCONVERTED}
+    out["ctf/exp_group_id"] = pd.to_numeric(particles["rlnOpticsGroup"]).to_numpy(np.int64)
+    for field, (label, factor) in CTF_PARTICLE_FIELDS.items():
+        out[field] = _numbers(values[label], len(particles), label, src) / factor
+    for field, label in CTF_OPTICS_FIELDS.items():
+        column = particles[label] if label in particles else per_optics[label]
+        out[field] = _numbers(column, len(particles), label, src)
+    return out
+
+
+def _numbers(values, n: int, label: str, src: str) -> np.ndarray:
+    """A column (or a scalar default) as (n,) float64; UserError naming the first particle whose
+    value is not a finite number."""
+    if np.isscalar(values):
+        return np.full(n, float(values))
+    column = pd.Series(values).reset_index(drop=True)
+    out = pd.to_numeric(column, errors="coerce").to_numpy(np.float64)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise UserError(f"particle {i + 1} of {src}: {label} is {column[i]}, not a finite number")
+    return out
