@@ -14,12 +14,12 @@ from conftest import make_run_folder, write_particle_set
 from matplotlib.image import imread
 
 from tvae_em import figures
+from tvae_em.class2d import class_averages
 from tvae_em.cli import main
 from tvae_em.data import Normalisation
 from tvae_em.embed import EmbedOptions, embed_particles
 from tvae_em.generate import (
     GenerateOptions,
-    class_averages,
     generate_figures,
     latent_axes,
     parse_dims,
