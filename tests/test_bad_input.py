@@ -1,5 +1,6 @@
 """The bad-input suite: every bad input to preprocess, train, embed, select and generate gets
-exit code 2, one `Error:` line naming the file, particle or option, no traceback, and leaves nothing behind.
+exit code 2, one `Error:` line naming the file, particle or option, no traceback, and leaves
+nothing behind.
 
 Each row of CASES builds its input in the test's own folder (or uses the shared inputs of the
 `world` fixture), runs the command line and checks the message and that no file anywhere was
