@@ -19,6 +19,7 @@ from tvae_em.cli import main
 from tvae_em.embed import EmbedOptions, embed_particles
 from tvae_em.errors import UserError
 from tvae_em.run import RunFolder
+from tvae_em.select import SelectOptions, select_particles
 from tvae_em.synthetic import glyphs
 
 BOX, N, K = 16, 30, 3
@@ -170,3 +171,12 @@ def test_nothing_is_written_when_embeds_other_files_fail(project, tmp_path, monk
     with pytest.raises(UserError):
         embed_particles(opts)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_select_reads_the_data_star(project, tmp_path):
+    root, _ = project
+    data = _blocks(root, "data.star")["particles"]
+    s = select_particles(
+        SelectOptions(root / f"{PREFIX}_data.star", tmp_path / "s.star", classes="2")
+    )
+    assert s.kept == (data["rlnClassNumber"] == 2).sum() == s.per_class[2][0]
