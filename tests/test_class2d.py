@@ -173,8 +173,9 @@ def test_nothing_is_written_when_embeds_other_files_fail(project, tmp_path, monk
     assert list(tmp_path.iterdir()) == []
 
 
-def test_select_reads_the_data_star(project, tmp_path):
+def test_select_reads_the_data_star(project, tmp_path, monkeypatch):
     root, _ = project
+    monkeypatch.chdir(root)  # its image names are from the project folder, as RELION's
     data = _blocks(root, "data.star")["particles"]
     s = select_particles(
         SelectOptions(root / f"{PREFIX}_data.star", tmp_path / "s.star", classes="2")
