@@ -113,7 +113,8 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
         orig is not None,
         [input, opts.original],
     )
-    c2d = plan_class2d(opts.class2d, opts.classes, [*plan.paths(), input]) if opts.class2d else None
+    taken = [*plan.paths(), input, opts.original]
+    c2d = plan_class2d(opts.class2d, opts.classes, taken) if opts.class2d else None
     apix = stack.apix  # (n,) UserError when unknown
     use_ctf = opts.with_elbo and trained.uses_ctf(stack)
     ctf_for = _ctf_function(stack, input, dev) if use_ctf else None
