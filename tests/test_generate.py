@@ -295,6 +295,16 @@ def test_generate_classes_4_writes_the_particle_classes_it_averaged(embedded3, t
     again, _ = class_averages(per_particle, norm, npz["theta_rad"], npz["t_px"], classes - 1, 4)
     with mrcfile.open(tmp_path / "class_averages.mrcs") as m:
         np.testing.assert_allclose(m.data, again, atol=1e-5)
+    if shutil.which("relion_star_handler") is None:
+        pytest.skip("RELION 3.1 (relion_star_handler) is not installed")
+    out = subprocess.run(
+        ["relion_star_handler", "--i", "particle_classes.star", "--o", "c4.star",
+         "--select", "rlnClassNumber", "--minval", "4", "--maxval", "4"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    written = starfile.read(tmp_path / "c4.star", always_dict=True).get("particles", [])
+    assert len(written) == (classes == 4).sum()
 
 
 def test_class_averages_star_has_the_particles_optics(embedded3, tmp_path):
