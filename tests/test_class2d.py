@@ -100,6 +100,18 @@ def test_relion_star_handler_selects_a_class(project):
         assert len(kept) == (data["rlnClassNumber"] == k).sum()
 
 
+def test_relion_reads_the_model_star_blocks_by_name(project):
+    _relion("relion_star_printtable")
+    root, _ = project
+    model = f"{PREFIX}_model.star"
+    general = _run(["relion_star_printtable", model, "data_model_general", "rlnNrClasses"], root)
+    assert general.split() == [str(K)]
+    rows = _run(
+        ["relion_star_printtable", model, "data_model_classes", "rlnReferenceImage"], root
+    ).split()
+    assert rows == [f"{k:06d}@{PREFIX}_classes.mrcs" for k in range(1, K + 1)]
+
+
 def test_averages_are_relions_own_alignment_of_the_data_star(project):
     """relion_stack_create --apply_transformation aligns each particle by its psi/origins as
     RELION does; its per-class means are our class averages."""
