@@ -292,7 +292,7 @@ def test_generate_classes_4_writes_the_particle_classes_it_averaged(embedded3, t
     # the averages are those of these classes (and not of the embedding's 3)
     npz = np.load(e["npz"])
     norm = RunFolder(e["run"]).load_model().normalisation
-    again, _ = class_averages(per_particle, norm, npz["theta_rad"], npz["t_px"], classes - 1, 4)
+    again, _ = class_averages(per_particle, norm, npz["theta_rad"], npz["shift_px"], classes - 1, 4)
     with mrcfile.open(tmp_path / "class_averages.mrcs") as m:
         np.testing.assert_allclose(m.data, again, atol=1e-5)
     if shutil.which("relion_star_handler") is None:

@@ -155,7 +155,7 @@ def class2d_result(
             stack,
             norm,
             emb.theta,
-            emb.t,
+            emb.shift,
             labels - 1,
             k,
             flip_for=flip_function(stack),

@@ -453,7 +453,7 @@ def generate_figures(
                     stack,
                     trained.normalisation,
                     emb.theta,
-                    emb.t,
+                    emb.shift,  # the object centres the written origins put at the box centre
                     labels - 1,
                     k,
                     flip_for=flip_function(stack, params),
