@@ -211,7 +211,8 @@ def test_driver_writes_stack_and_relion31_star(tmp_path):
     assert out["optics"]["rlnImagePixelSize"].iloc[0] == pytest.approx(4.0)
     assert out["optics"]["rlnImageSize"].iloc[0] == 16
     p = out["particles"]
-    assert p["rlnImageName"].tolist() == [f"{k:06d}@particles.mrcs" for k in range(1, 26)]
+    stack = tmp_path / "out" / "particles.mrcs"  # not under the working directory: absolute
+    assert p["rlnImageName"].tolist() == [f"{k:06d}@{stack}" for k in range(1, 26)]
     np.testing.assert_allclose(p["rlnOriginXAngst"], np.linspace(-3, 3, 25))
     np.testing.assert_array_equal(p["tag"], np.arange(25))
     assert sorted(x.name for x in (tmp_path / "out").iterdir()) == [

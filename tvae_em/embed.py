@@ -27,7 +27,7 @@ from .export import (
     write_outputs,
 )
 from .inference import class_mean_centres, object_centres, run_inference
-from .io import ParticleStack
+from .io import OpticsDefaults, ParticleStack
 from .progress import ProgressFactory, no_progress
 from .run import RunFolder, TrainedModel
 from .runtime import check_seed, resolve_device
@@ -55,6 +55,9 @@ class EmbedOptions:
     checkpoint: str = "last"
     seed: int = 0
     recentre: str = "class"
+    voltage: float = OpticsDefaults.voltage
+    spherical_aberration: float = OpticsDefaults.spherical_aberration
+    amplitude_contrast: float = OpticsDefaults.amplitude_contrast
 
 
 RECENTRE_MODES = ("class", "particle", "none")
@@ -91,7 +94,8 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
     check_seed(opts.seed)
     dev = resolve_device(opts.device)
     trained = RunFolder(run_dir).load_model(dev, opts.checkpoint)
-    stack = ParticleStack.open(input, datadir=opts.datadir, apix=opts.input_apix)
+    optics = OpticsDefaults(opts.voltage, opts.spherical_aberration, opts.amplitude_contrast)
+    stack = ParticleStack.open(input, datadir=opts.datadir, apix=opts.input_apix, optics=optics)
     n = len(stack)
     _check_box(stack, trained, input, run_dir)
     if opts.classes is not None and not 1 <= opts.classes <= n:
@@ -103,7 +107,9 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
     if opts.batch_size < 1:
         raise UserError(f"--batch-size {opts.batch_size}: must be at least 1")
     orig, rows = (
-        open_original(str(opts.original), opts.datadir, stack) if opts.original else (None, None)
+        open_original(str(opts.original), opts.datadir, stack, optics)
+        if opts.original
+        else (None, None)
     )
     plan = plan_outputs(
         opts.out_star,
@@ -134,12 +140,12 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
     emb.centre = _centres(model, emb, opts.recentre, dev)
     new = embedding_columns(emb)
     tables: dict[str, object] = {
-        "star": particle_star_tables(stack, new, plan.star),
+        "star": particle_star_tables(stack, new),
         "npz": emb,
     }
     target, target_rows = stack, np.arange(n)
     if orig is not None:
-        tables["original_star"] = particle_star_tables(orig, new, plan.original_star, rows)
+        tables["original_star"] = particle_star_tables(orig, new, rows)
         target, target_rows = orig, rows
     if plan.cs is not None:
         tables["cs"] = cs_table(target, emb, target_rows)

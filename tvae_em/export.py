@@ -1,6 +1,7 @@
-"""Embedding results to files: RELION 3.1 stars (input rows kept, image paths rebased), the
-full-size star of `--original` (rows matched), cryoSPARC .cs tables, the npz; all written under
-temporary names and renamed together.
+"""Embedding results to files: RELION 3.1 stars (input rows and their text kept, image paths
+valid from the working directory, RELION's project folder), the full-size star of `--original`
+(rows matched), cryoSPARC .cs tables, the npz; all written under temporary names and renamed
+together.
 
 Pose export follows `tvae_em.geometry`: rlnAnglePsi = -degrees(theta) wrapped to (-180, 180],
 rlnOriginX/YAngst = -t * pixel size; alignments2D carry the same alignment (pose rad, shift px).
@@ -19,11 +20,15 @@ from .errors import UserError
 from .geometry import cryosparc_pose
 from .inference import Embedding
 from .io import (
+    PHASE_FLIPPED,
+    SOURCE_ROW,
     ParticleStack,
+    StarText,
     atomic_paths,
     check_writable_dir,
     dataframe_to_cs,
     ensure_writable_dir,
+    stack_reference,
     write_cs,
     write_star,
 )
@@ -34,6 +39,7 @@ CONFIDENCE = "tvaePoseConfidence"
 ELBO = "tvaeElbo"
 POSE_COLUMNS = ["rlnAnglePsi", "rlnOriginX", "rlnOriginY", "rlnOriginXAngst", "rlnOriginYAngst"]
 CS_ALIGN = "alignments2D/"
+KEPT_TVAE = {SOURCE_ROW, PHASE_FLIPPED}  # tvae columns of the input that embed leaves as they are
 
 
 def embedding_columns(emb: Embedding) -> pd.DataFrame:
@@ -60,7 +66,7 @@ def embedding_columns(emb: Embedding) -> pd.DataFrame:
 def replace_columns(particles: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     """Input particles with pose (and class, when new has one) and old tvae columns replaced."""
     drop = [c for c in particles.columns if c in POSE_COLUMNS or c in new.columns]
-    drop += [c for c in particles.columns if c.startswith("tvae")]
+    drop += [c for c in particles.columns if c.startswith("tvae") and c not in KEPT_TVAE]
     kept = particles.drop(columns=sorted(set(drop))).reset_index(drop=True)
     return pd.concat([kept, new.reset_index(drop=True)], axis=1)
 
@@ -118,9 +124,9 @@ def plan_outputs(
     return plan
 
 
-def open_original(path: str, datadir, stack) -> tuple[object, np.ndarray]:
+def open_original(path: str, datadir, stack, optics=None) -> tuple[object, np.ndarray]:
     """The full-size ParticleStack and, for each particle of `stack`, its row there (n,)."""
-    orig = ParticleStack.open(path, datadir=datadir)
+    orig = ParticleStack.open(path, datadir=datadir, optics=optics)
     return orig, match_rows(orig.particles, stack.particles, path, str(stack.source))
 
 
@@ -130,11 +136,25 @@ MATCH_KEYS = (("uid",), ("rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY"
 def match_rows(
     orig: pd.DataFrame, prep: pd.DataFrame, orig_name: str, prep_name: str
 ) -> np.ndarray:
-    """Row of `orig` for each row of `prep` (n,): same order when the counts agree, else matched
-    on uid or on micrograph + coordinates (particles dropped by preprocess --skip-bad)."""
+    """Row of `orig` for each row of `prep` (n,): by the SOURCE_ROW column preprocess writes when
+    `prep` has it, else the same order when the counts agree, else matched on uid or on
+    micrograph + coordinates (particles dropped by preprocess --skip-bad). The keys that both
+    have (uid, micrograph + coordinates) must agree on every matched row."""
     keys = next((k for k in MATCH_KEYS if set(k) <= set(orig) and set(k) <= set(prep)), None)
     a = _key_strings(orig, keys) if keys else None
     b = _key_strings(prep, keys) if keys else None
+    if SOURCE_ROW in prep:
+        rows = _source_rows(prep[SOURCE_ROW], len(orig), orig_name, prep_name)
+        if keys is not None:
+            wrong = a.to_numpy()[rows] != b.to_numpy()
+            if wrong.any():
+                i = int(np.argmax(wrong))
+                raise UserError(
+                    f"--original {orig_name}: particle {i + 1} of {prep_name} came from row "
+                    f"{rows[i] + 1} but that row has another {', '.join(keys)} (give the star "
+                    f"{prep_name} was preprocessed from)"
+                )
+        return rows
     if len(orig) == len(prep) and (keys is None or (a == b).all()):
         return np.arange(len(prep))
     if keys is None or a.duplicated().any():
@@ -153,14 +173,33 @@ def match_rows(
     return rows.to_numpy(np.int64)
 
 
+def _source_rows(column: pd.Series, n: int, orig_name: str, prep_name: str) -> np.ndarray:
+    """0-based rows of the original from a SOURCE_ROW column; UserError naming the first
+    particle whose row is not a whole number from 1 to ``n``."""
+    values = pd.to_numeric(column, errors="coerce").to_numpy(np.float64)
+    bad = ~(np.isfinite(values) & (values == np.round(values)) & (values >= 1) & (values <= n))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise UserError(
+            f"--original {orig_name}: particle {i + 1} of {prep_name} came from row "
+            f"{column.iloc[i]} of its input ({SOURCE_ROW}) but {orig_name} has {n} rows "
+            f"(give the star {prep_name} was preprocessed from)"
+        )
+    return values.astype(np.int64) - 1
+
+
 def _key_strings(df: pd.DataFrame, keys: tuple[str, ...]) -> pd.Series:
-    """One string per row identifying the particle (coordinates rounded to 0.01 px)."""
+    """One string per row identifying the particle, the same whether a number was read as an
+    integer or a float (3277 and 3277.000000; coordinates rounded to 0.01 px)."""
     parts = []
     for k in keys:
-        col = df[k]
+        col = df[k].reset_index(drop=True)
+        numbers = pd.to_numeric(col, errors="coerce")
         if k.startswith("rlnCoordinate"):
-            col = pd.to_numeric(col, errors="coerce").round(2)
-        parts.append(col.astype(str).reset_index(drop=True))
+            col = numbers.round(2).map("{:.2f}".format)
+        elif pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_integer_dtype(col):
+            col = numbers.map("{:.10g}".format)
+        parts.append(col.astype(str))
     out = parts[0]
     for p in parts[1:]:
         out = out + "|" + p
@@ -168,24 +207,22 @@ def _key_strings(df: pd.DataFrame, keys: tuple[str, ...]) -> pd.Series:
 
 
 def particle_star_tables(
-    stack, new: pd.DataFrame, out_star: Path, rows: np.ndarray | None = None
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+    stack, new: pd.DataFrame, rows: np.ndarray | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, StarText | None]:
     """RELION 3.1 (particles, optics) of `stack` (its `rows`, in that order) with the embed
-    columns in place and image names valid from the folder of `out_star`."""
+    columns in place and image names valid from the working directory, and the input's text
+    of those rows (to write carried values back as read)."""
     rows = np.arange(len(stack)) if rows is None else rows
     particles, optics = stack.relion31_tables()
     particles = particles.iloc[rows].reset_index(drop=True)
-    names = rebase_image_names(particles["rlnImageName"], stack, rows, out_star.parent)
-    particles["rlnImageName"] = names
-    return replace_columns(particles, new), optics
+    particles["rlnImageName"] = rebase_image_names(particles["rlnImageName"], stack, rows)
+    return replace_columns(particles, new), optics, stack.star_text(rows)
 
 
-def rebase_image_names(names: pd.Series, stack, rows: np.ndarray, out_dir: Path) -> pd.Series:
-    """rlnImageName whose stack part still finds the stack file from a star written in out_dir.
-
-    A name that resolves to the same file from out_dir or from the working directory (RELION's
-    project folder) is kept verbatim; others get the stack's path relative to out_dir.
-    """
+def rebase_image_names(names: pd.Series, stack, rows: np.ndarray) -> pd.Series:
+    """rlnImageName whose stack part finds the stack file from the working directory (RELION's
+    project folder): kept verbatim when it already does, else `io.project_path` of the file
+    (relative to the working directory when under it, else absolute)."""
     names = names.astype(str)
     parts = names.str.split("@", n=1, expand=True)
     if parts.shape[1] == 1:
@@ -196,18 +233,9 @@ def rebase_image_names(names: pd.Series, stack, rows: np.ndarray, out_dir: Path)
     target = files[stack.file_index[rows]]  # (n,) resolved stack of each particle
     fixed = {}
     for name, path in set(zip(old, target, strict=True)):
-        fixed[name, path] = _stack_reference(name, path, out_dir)
+        fixed[name, path] = stack_reference(name, path)
     new = pd.Series([fixed[k] for k in zip(old, target, strict=True)], index=names.index)
     return (parts[0] + "@" + new).where(has_at, new)
-
-
-def _stack_reference(name: str, path: str, out_dir: Path) -> str:
-    """`name` if it leads to `path` from out_dir or the working directory, else a relative path."""
-    for base in (out_dir, Path.cwd()):
-        candidate = Path(name) if Path(name).is_absolute() else base / name
-        if candidate.is_file() and os.path.samefile(candidate, path):
-            return name
-    return os.path.relpath(path, out_dir.resolve())
 
 
 def cs_table(stack: ParticleStack, emb: Embedding, rows: np.ndarray) -> np.ndarray:
@@ -237,12 +265,16 @@ def write_outputs(plan: OutputPlan, tables: dict[str, object]) -> None:
         ensure_writable_dir(path.parent)
     with atomic_paths(paths) as tmps:
         tmp = dict(zip(map(str, paths), tmps, strict=True))
-        particles, optics = tables["star"]
-        write_star(tmp[str(plan.star)], {"optics": optics, "particles": particles})
+        _write_particle_star(tmp[str(plan.star)], tables["star"])
         with open(tmp[str(plan.npz)], "wb") as f:
             tables["npz"].save_npz(f)
         if plan.original_star is not None:
-            particles, optics = tables["original_star"]
-            write_star(tmp[str(plan.original_star)], {"optics": optics, "particles": particles})
+            _write_particle_star(tmp[str(plan.original_star)], tables["original_star"])
         if plan.cs is not None:
             write_cs(tmp[str(plan.cs)], tables["cs"])
+
+
+def _write_particle_star(path: str, tables: tuple) -> None:
+    """Write the (particles, optics, text) of `particle_star_tables`."""
+    particles, optics, text = tables
+    write_star(path, {"optics": optics, "particles": particles}, text=text)

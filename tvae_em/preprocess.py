@@ -26,11 +26,13 @@ from .errors import UserError
 from .fourier import fourier_crop, lowpass, phase_flip
 from .io import (
     PHASE_FLIPPED,
+    SOURCE_ROW,
     ParticleStack,
     atomic_folder,
     dataframe_to_cs,
     nonfinite_images,
     nonfinite_kind,
+    project_path,
     write_cs,
     write_stack,
     write_star,
@@ -215,9 +217,12 @@ def preprocess_stack(
 ) -> PreprocessSummary:
     """Preprocess every particle into out_dir/particles.mrcs + particles.star (+ .cs for .cs input).
 
-    Reads, processes and writes ``chunk_size`` particles at a time (default:
-    ``auto_chunk_size``), so memory is bounded by the chunk whatever the stack size. Outputs are
-    written under temporary names and renamed only when everything succeeded.
+    The star names the new stack as RELION finds it from the working directory (`project_path`),
+    keeps every input value it does not change as read, and gives each particle its input row
+    (SOURCE_ROW, 1-based) for `embed --original`. Reads, processes and writes ``chunk_size``
+    particles at a time (default: ``auto_chunk_size``), so memory is bounded by the chunk
+    whatever the stack size. Outputs are written under temporary names and renamed only when
+    everything succeeded.
     """
     t0 = time.perf_counter()
     if chunk_size is None:
@@ -238,6 +243,7 @@ def preprocess_stack(
     if phase_flip:
         options["ctf_params"] = _phase_flip_params(stack)
     out_dir = Path(out_dir)
+    options["stack_ref"] = project_path(out_dir / "particles.mrcs")  # the final, not the stage
     with atomic_folder(out_dir) as stage:  # complete outputs or none, even on Ctrl-C
         summary = _run(stack, stage, box_out, apix_out, skip_bad, chunk_size, progress, options, t0)
     summary.star, summary.stack = out_dir / summary.star.name, out_dir / summary.stack.name
@@ -260,6 +266,7 @@ def _run(stack, out_dir, box_out, apix_out, skip_bad, chunk_size, progress, opti
     scale = stack.box / box_out
     options = dict(options)
     flip_params = options.pop("ctf_params", None)
+    stack_ref = options.pop("stack_ref")
     finals = [out_dir / "particles.mrcs", out_dir / "particles.star"]
     if stack.writes_cs:
         finals.append(out_dir / "particles.cs")
@@ -299,10 +306,11 @@ def _run(stack, out_dir, box_out, apix_out, skip_bad, chunk_size, progress, opti
     if n_out == 0:
         raise UserError(f"no usable particles in {stack.source}: all {len(stack)} are bad")
     keep = np.concatenate(kept)
-    particles, optics = _output_tables(stack, keep, box_out, scale, finals[0].name)
+    particles, optics = _output_tables(stack, keep, box_out, scale, stack_ref)
     if flip_params is not None:
         particles[PHASE_FLIPPED] = 1
-    write_star(finals[1], {"optics": optics, "particles": particles})
+    text = stack.star_text(keep)
+    write_star(finals[1], {"optics": optics, "particles": particles}, text=text)
     if stack.writes_cs:
         write_cs(finals[2], _output_cs(stack, keep, box_out, scale, finals[0].name))
     return PreprocessSummary(
@@ -335,10 +343,12 @@ def _drop_bad(stack, idx, good, reasons, skip_bad: bool, skipped: list) -> None:
 def _output_tables(
     stack: ParticleStack, keep: np.ndarray, box_out: int, scale: float, stack_name: str
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """RELION 3.1 tables for the kept particles, pointing at the new stack and pixel size."""
+    """RELION 3.1 tables for the kept particles, pointing at the new stack (``stack_name``, as
+    the star names it) and pixel size, with each particle's input row (1-based)."""
     particles, optics = stack.relion31_tables()
     particles = particles.iloc[keep].reset_index(drop=True)
     particles["rlnImageName"] = [f"{k:06d}@{stack_name}" for k in range(1, len(keep) + 1)]
+    particles[SOURCE_ROW] = np.asarray(keep, dtype=np.int64) + 1
     optics = optics.copy()
     optics["rlnImagePixelSize"] = optics["rlnImagePixelSize"].to_numpy(np.float64) * scale
     optics["rlnImageSize"] = box_out

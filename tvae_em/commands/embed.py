@@ -19,6 +19,7 @@ from .options import (
     device_option,
     input_apix_option,
     num_workers_option,
+    optics_options,
     out_option,
     seed_option,
 )
@@ -81,6 +82,7 @@ from .options import (
 @checkpoint_option()
 @datadir_option()
 @input_apix_option("Pixel size in A of INPUT (overrides the files).")
+@optics_options()
 @seed_option("Seed of k-means and of the ELBO's sample.")
 def embed(**kw) -> None:
     """Per-particle in-plane angle, shift, latent z, confidence and ELBO -> RELION/cryoSPARC.

@@ -68,3 +68,42 @@ def renamed_option(old: str, new: str, why: str):
             raise UserError(f"{old} was renamed {new} in this command ({why})")
 
     return click.option(old, hidden=True, expose_value=False, callback=refuse, help=why)
+
+
+def optics_options():
+    """--voltage, --spherical-aberration, --amplitude-contrast: the optics written for inputs
+    that lack them (a bare .mrcs, a star without them); RELION's defaults."""
+    from ..io import OpticsDefaults
+
+    d = OpticsDefaults()
+    where = "for inputs that have none (a bare .mrcs); never replaces the input's"
+    options = [
+        click.option(
+            "--voltage",
+            type=float,
+            default=d.voltage,
+            show_default=True,
+            help=f"Microscope voltage in kV {where}.",
+        ),
+        click.option(
+            "--spherical-aberration",
+            type=float,
+            default=d.spherical_aberration,
+            show_default=True,
+            help=f"Spherical aberration Cs in mm {where}.",
+        ),
+        click.option(
+            "--amplitude-contrast",
+            type=float,
+            default=d.amplitude_contrast,
+            show_default=True,
+            help=f"Amplitude contrast (fraction) {where}.",
+        ),
+    ]
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate

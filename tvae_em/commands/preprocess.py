@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from .options import datadir_option, input_apix_option, out_option
+from .options import datadir_option, input_apix_option, optics_options, out_option
 
 
 @click.command()
@@ -35,6 +35,7 @@ from .options import datadir_option, input_apix_option, out_option
 )
 @datadir_option("Extra folder to look for the stacks named in the star/cs.")
 @input_apix_option("Input pixel size in A (overrides the files).")
+@optics_options()
 @click.option(
     "--chunk-size",
     type=int,
@@ -53,19 +54,23 @@ def preprocess(input_path, out_dir, datadir, input_apix, **kw) -> None:
     """Downsample, normalise (and optionally invert / low-pass) particles into one float32 stack.
 
     INPUT is a RELION star (3.0 or 3.1+), a cryoSPARC .cs file or a .mrcs/.mrc stack. Writes
-    OUT/particles.mrcs and OUT/particles.star (RELION 3.1, every input column kept); nothing is
-    left behind if it fails.
+    OUT/particles.mrcs and OUT/particles.star (RELION 3.1, every input value kept as read, image
+    paths valid from the folder this runs in, as RELION's project folder); nothing is left behind
+    if it fails.
 
     \b
     Example:
       tvae-em preprocess Extract/job012/particles.star -o prep/ --size 64
       tvae-em preprocess J24_particles.cs -o prep/ --apix 4 --datadir /data/P12 --invert
     """
-    from ..io import ParticleStack
+    from ..io import OpticsDefaults, ParticleStack
     from ..preprocess import preprocess_stack
     from ..progress import progress_bar
 
-    stack = ParticleStack.open(input_path, datadir=datadir, apix=input_apix)
+    optics = OpticsDefaults(
+        kw.pop("voltage"), kw.pop("spherical_aberration"), kw.pop("amplitude_contrast")
+    )
+    stack = ParticleStack.open(input_path, datadir=datadir, apix=input_apix, optics=optics)
     if stack.apix_source == "MRC header":
         click.echo(
             f"Note: pixel size {stack.apix[0]:g} A taken from the MRC header; "

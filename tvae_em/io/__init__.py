@@ -21,11 +21,35 @@ from .particles import (
     nonfinite_kind,
     write_particles_star,
 )
-from .relion import build_optics, origins_to_angstrom, relion30_to_31
-from .star import read_particles_star, read_star, write_star
+from .relion import (
+    SOURCE_ROW,
+    OpticsDefaults,
+    build_optics,
+    complete_optics,
+    origins_to_angstrom,
+    project_path,
+    relion30_to_31,
+    stack_reference,
+)
+from .star import (
+    StarText,
+    read_particles_star,
+    read_particles_star_text,
+    read_star,
+    read_star_text,
+    write_star,
+)
 
 __all__ = [
     "PHASE_FLIPPED",
+    "SOURCE_ROW",
+    "OpticsDefaults",
+    "StarText",
+    "complete_optics",
+    "project_path",
+    "read_star_text",
+    "read_particles_star_text",
+    "stack_reference",
     "CsStack",
     "MrcsStack",
     "ParticleStack",

@@ -28,12 +28,15 @@ from .ctf_columns import (
 )
 from .mrc import StackHeader, open_stack, read_header
 from .relion import (
+    OpticsDefaults,
+    complete_optics,
     origins_to_angstrom,
     pixel_size_columns,
     pixel_size_from_relion30,
     relion30_to_31,
+    stack_file,
 )
-from .star import read_particles_star, write_star
+from .star import StarText, read_particles_star_text, write_star
 
 STAR_SUFFIXES = {".star"}
 CS_SUFFIXES = {".cs"}
@@ -85,11 +88,13 @@ class ParticleStack:
         path: str | os.PathLike,
         datadir: str | os.PathLike | None = None,
         apix: float | None = None,
+        optics: OpticsDefaults | None = None,
     ) -> ParticleStack:
         """Open a .star (RELION 3.0/3.1+), .cs (cryoSPARC) or .mrcs/.mrc stack, without pixel data.
 
         ``datadir`` is an extra folder to look for stacks in; ``apix`` (Angstrom) overrides every
-        pixel size found in the files.
+        pixel size found in the files; ``optics`` gives the voltage, Cs and amplitude contrast
+        written for inputs that lack them (default: RELION's defaults).
         """
         path = Path(path)
         if apix is not None and not (np.isfinite(apix) and apix > 0):
@@ -106,13 +111,18 @@ class ParticleStack:
         if datadir is not None and not datadir.is_dir():
             raise UserError(f"--datadir {datadir} is not a folder")
         if suffix in STAR_SUFFIXES:
-            return StarStack.load(path, datadir, apix)
-        if suffix in CS_SUFFIXES:
-            return CsStack.load(path, datadir, apix)
-        return MrcsStack.load(path, datadir, apix)
+            stack = StarStack.load(path, datadir, apix)
+        elif suffix in CS_SUFFIXES:
+            stack = CsStack.load(path, datadir, apix)
+        else:
+            stack = MrcsStack.load(path, datadir, apix)
+        stack.optics_defaults = optics or OpticsDefaults()
+        return stack
 
     # ---- what each format provides -------------------------------------------------------
     writes_cs = False  # whether outputs of this input include a cryoSPARC .cs with its fields
+    optics_defaults = OpticsDefaults()  # voltage, Cs, amplitude contrast the input lacks
+    text: StarText | None = None  # a star input as read (values as text, comments, other blocks)
 
     @classmethod
     def load(cls, path: Path, datadir: Path | None, apix: float | None) -> ParticleStack:
@@ -126,6 +136,11 @@ class ParticleStack:
     def ctf_params(self) -> CtfParams | None:
         """Per-particle CTF parameters, or None when the metadata has no defocus."""
         return None
+
+    def star_text(self, rows: np.ndarray) -> StarText | None:
+        """The input star as text for particles ``rows`` (in that order), to pass to
+        `write_star` with tables of those rows; None for inputs that are not stars."""
+        return None if self.text is None else self.text.select("particles", rows)
 
     def cs_fields(self, rows: np.ndarray) -> tuple[pd.DataFrame, np.dtype | None]:
         """cryoSPARC fields of particles ``rows`` (in that order) and the .cs field layout to write
@@ -265,7 +280,7 @@ class StarStack(ParticleStack):
 
     @classmethod
     def load(cls, path: Path, datadir: Path | None, apix: float | None) -> StarStack:
-        particles, optics, kind = read_particles_star(path)
+        particles, optics, kind, text = read_particles_star_text(path)
         names = particles["rlnImageName"].astype(str)
         index, stack_names = _split_image_names(names, path)
         if optics is not None:
@@ -278,16 +293,18 @@ class StarStack(ParticleStack):
             meta = pixel_size_from_relion30(particles)
             if apix is None:
                 _check_pixel_sizes(meta, particles, np.arange(len(particles)), path)
-        return cls._build(
+        stack = cls._build(
             path, kind, particles, optics, index, stack_names, [path.parent], datadir, meta, apix
         )
+        stack.text = text
+        return stack
 
     def relion31_tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """As read for 3.1 (optics pixel size overridden by --input-apix); 3.0: optics groups
         built from the per-particle values."""
         apix = self.apix
         if self.kind == "relion30":
-            return relion30_to_31(self.particles, apix, self.box)
+            return relion30_to_31(self.particles, apix, self.box, self.optics_defaults)
         particles = self.particles.copy()
         if "rlnOpticsGroup" not in particles:
             particles["rlnOpticsGroup"] = int(self.optics["rlnOpticsGroup"].iloc[0])
@@ -295,10 +312,7 @@ class StarStack(ParticleStack):
         groups = particles["rlnOpticsGroup"].to_numpy()
         per_group = pd.Series(apix).groupby(groups).first()
         optics["rlnImagePixelSize"] = optics["rlnOpticsGroup"].map(per_group).to_numpy(np.float64)
-        if "rlnImageSize" not in optics:
-            optics["rlnImageSize"] = self.box
-        if "rlnImageDimensionality" not in optics:
-            optics["rlnImageDimensionality"] = 2
+        optics = complete_optics(optics, self.box, self.optics_defaults)
         return origins_to_angstrom(particles, apix), optics
 
     def ctf_params(self) -> CtfParams | None:
@@ -341,7 +355,8 @@ class CsStack(ParticleStack):
         """pyem's csparc2star conversion; non-RELION cryoSPARC fields are left out."""
         _ = self.apix  # a UserError when pixel sizes are unknown
         particles = self.particles[[c for c in self.particles.columns if _is_star_label(c)]]
-        return particles.drop(columns=["uid"], errors="ignore").copy(), self.optics.copy()
+        optics = complete_optics(self.optics, self.box, self.optics_defaults)
+        return particles.drop(columns=["uid"], errors="ignore").copy(), optics
 
     def ctf_params(self) -> CtfParams | None:
         return cryosparc_ctf_params(self.particles, str(self.source))
@@ -365,7 +380,7 @@ class MrcsStack(ParticleStack):
         )
 
     def relion31_tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
-        return relion30_to_31(self.particles, self.apix, self.box)
+        return relion30_to_31(self.particles, self.apix, self.box, self.optics_defaults)
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -406,8 +421,9 @@ def _split_image_names(names: pd.Series, path: Path) -> tuple[np.ndarray, pd.Ser
 
 def _resolve(name: str, bases: list[Path], datadir: Path | None) -> Path | None:
     """First existing file among: absolute name; each base / name; datadir / name (or its file
-    name); cwd / name. Returned as an absolute path."""
-    p = Path(name)
+    name); cwd / name. Returned as an absolute path. A RELION format suffix (``:mrcs``) is
+    dropped."""
+    p = Path(stack_file(name))
     if p.is_absolute():
         candidates = [p] + ([datadir / p.name] if datadir is not None else [])
     else:

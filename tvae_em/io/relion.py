@@ -1,14 +1,77 @@
-"""RELION table conventions: optics groups, 3.0 -> 3.1 conversion, origins in Angstrom."""
+"""RELION table conventions: optics groups (with RELION's defaults for what the input lacks),
+3.0 -> 3.1 conversion, origins in Angstrom, and image paths from RELION's project folder."""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
+
+from ..errors import UserError
 
 # Per-particle columns of a RELION 3.0 star that belong to the optics group in 3.1.
 OPTICS_FROM_PARTICLES = ["rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"]
 # Columns made stale by the optics table (pixel size now in rlnImagePixelSize).
 STALE_PIXEL_SIZE = ["rlnMagnification", "rlnDetectorPixelSize"]
+# Particle column written by preprocess: the 1-based row of the particle in its input.
+SOURCE_ROW = "tvaeSourceRow"
+# RELION reads "N@x.mrc" as a 3D map and refuses it; "N@x.mrc:mrcs" forces the stack format.
+STACK_FORMAT_SUFFIXES = (":mrcs", ":mrc")
+
+
+@dataclass(frozen=True)
+class OpticsDefaults:
+    """Optics values for inputs that have none (a bare stack, a star without them): RELION's
+    own defaults (300 kV, Cs 2.7 mm, amplitude contrast 0.1). Never override the input's."""
+
+    voltage: float = 300.0
+    spherical_aberration: float = 2.7
+    amplitude_contrast: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.voltage) and self.voltage > 0):
+            raise UserError(f"--voltage must be a positive number of kV, got {self.voltage}")
+        if not np.isfinite(self.spherical_aberration):
+            raise UserError(
+                f"--spherical-aberration must be a number of mm, got {self.spherical_aberration}"
+            )
+        if not (np.isfinite(self.amplitude_contrast) and 0 <= self.amplitude_contrast < 1):
+            raise UserError(
+                f"--amplitude-contrast must be in [0, 1), got {self.amplitude_contrast}"
+            )
+
+    def values(self) -> dict[str, float]:
+        """RELION label -> value."""
+        return dict(
+            zip(
+                OPTICS_FROM_PARTICLES,
+                (self.voltage, self.spherical_aberration, self.amplitude_contrast),
+                strict=True,
+            )
+        )
+
+
+def complete_optics(
+    optics: pd.DataFrame, box: int, defaults: OpticsDefaults | None = None
+) -> pd.DataFrame:
+    """An optics table with every column RELION 3.1 needs: voltage, Cs and amplitude contrast
+    (``defaults`` where absent), rlnImageSize, rlnImageDimensionality, group number and name."""
+    out = optics.copy()
+    if "rlnOpticsGroup" not in out:
+        out.insert(0, "rlnOpticsGroup", np.arange(1, len(out) + 1, dtype=np.int64))
+    if "rlnOpticsGroupName" not in out:
+        out["rlnOpticsGroupName"] = [f"opticsGroup{int(g)}" for g in out["rlnOpticsGroup"]]
+    for column, value in (defaults or OpticsDefaults()).values().items():
+        if column not in out:
+            out[column] = float(value)
+    if "rlnImageSize" not in out:
+        out["rlnImageSize"] = int(box)
+    if "rlnImageDimensionality" not in out:
+        out["rlnImageDimensionality"] = 2
+    return out
 
 
 def pixel_size_columns(table: pd.DataFrame) -> list[str] | None:
@@ -39,12 +102,17 @@ def pixel_size_from_relion30(particles: pd.DataFrame) -> np.ndarray | None:
 
 
 def build_optics(
-    particles: pd.DataFrame, apix: np.ndarray, box: int, key: np.ndarray | None = None
+    particles: pd.DataFrame,
+    apix: np.ndarray,
+    box: int,
+    key: np.ndarray | None = None,
+    defaults: OpticsDefaults | None = None,
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """Optics groups (1-based group per particle, optics table) from per-particle values.
 
     One group per distinct (key, pixel size, voltage, Cs, amplitude contrast) among the columns
-    present; ``key`` is an extra grouping array (e.g. cryoSPARC's exposure group).
+    present; ``key`` is an extra grouping array (e.g. cryoSPARC's exposure group). Voltage, Cs
+    and amplitude contrast missing from ``particles`` come from ``defaults`` (RELION's).
     """
     table = pd.DataFrame({"rlnImagePixelSize": np.asarray(apix, dtype=np.float64)})
     for column in OPTICS_FROM_PARTICLES:
@@ -66,7 +134,7 @@ def build_optics(
         optics[column] = first[column].to_numpy()
     optics["rlnImageSize"] = int(box)
     optics["rlnImageDimensionality"] = 2
-    return group.astype(np.int64), optics
+    return group.astype(np.int64), complete_optics(optics, box, defaults)
 
 
 def origins_to_angstrom(particles: pd.DataFrame, apix: np.ndarray) -> pd.DataFrame:
@@ -86,7 +154,7 @@ def origins_to_angstrom(particles: pd.DataFrame, apix: np.ndarray) -> pd.DataFra
 
 
 def relion30_to_31(
-    particles: pd.DataFrame, apix: np.ndarray, box: int
+    particles: pd.DataFrame, apix: np.ndarray, box: int, defaults: OpticsDefaults | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Convert a RELION 3.0 particle table to a 3.1 (particles, optics) pair.
 
@@ -94,8 +162,38 @@ def relion30_to_31(
     pixel origins become Angstrom origins; rlnMagnification/rlnDetectorPixelSize are dropped
     (the pixel size now lives in the optics table). Every other column is kept.
     """
-    group, optics = build_optics(particles, apix, box)
+    group, optics = build_optics(particles, apix, box, defaults=defaults)
     out = origins_to_angstrom(particles, apix)
     out = out.drop(columns=STALE_PIXEL_SIZE, errors="ignore")
     out["rlnOpticsGroup"] = group
     return out, optics
+
+
+def project_path(path: str | os.PathLike) -> str:
+    """How a star written now names the file ``path`` so RELION finds it from its project
+    folder (the working directory): relative to it when the file is under it, else absolute."""
+    cwd = os.getcwd()
+    for p, base in ((os.path.abspath(path), cwd), (os.path.realpath(path), os.path.realpath(cwd))):
+        if os.path.commonpath([p, base]) == base:
+            return os.path.relpath(p, base)
+    return os.path.abspath(path)
+
+
+def stack_file(name: str) -> str:
+    """The file of a RELION stack name, without its format suffix: ``x.mrc:mrcs`` -> ``x.mrc``."""
+    for suffix in STACK_FORMAT_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def stack_reference(name: str, path: str | os.PathLike) -> str:
+    """``name`` (a stack path as read) if RELION would find the file ``path`` by it from the
+    working directory, else `project_path` of ``path``; a ``.mrc`` stack gets ``:mrcs``, without
+    which RELION refuses to read it as a stack."""
+    candidate = Path(stack_file(name))
+    if candidate.is_file() and os.path.samefile(candidate, path):
+        ref = stack_file(name)
+    else:
+        ref = project_path(path)
+    return ref + ":mrcs" if ref.lower().endswith(".mrc") else ref
