@@ -34,6 +34,7 @@ from .io import (
     atomic_paths,
     check_writable_dir,
     ensure_writable_dir,
+    project_path,
     write_stack,
     write_star,
 )
@@ -130,7 +131,7 @@ def plan_class2d(prefix: str | os.PathLike, classes: int | None, taken: list) ->
 class Class2DResult:
     """What the three files hold: data star tables, model star blocks, averages (K, D, D)."""
 
-    data: tuple[pd.DataFrame, pd.DataFrame]
+    data: tuple  # (particles, optics, text) of `export.particle_star_tables`
     model: dict[str, pd.DataFrame]
     averages: np.ndarray
     apix: float
@@ -162,7 +163,7 @@ def class2d_result(
             advance=advance,
         )
     apix = float(np.median(stack.apix))
-    data = particle_star_tables(stack, _relion2d_columns(new), plan.data)
+    data = particle_star_tables(stack, _relion2d_columns(new))
     model = model_blocks(plan.classes, counts, emb, apix, stack.box)
     return Class2DResult(data, model, averages, apix)
 
@@ -176,16 +177,6 @@ def _relion2d_columns(new: pd.DataFrame) -> pd.DataFrame:
     out["rlnMaxValueProbDistribution"] = new[CONFIDENCE].to_numpy(np.float64)
     out["rlnNrOfSignificantSamples"] = 1
     return out
-
-
-def project_path(path: Path) -> str:
-    """A path as RELION writes it: relative to the working directory (the project folder) when
-    the file is under it, else absolute."""
-    full, cwd = Path(os.path.abspath(path)), Path.cwd().resolve()
-    try:
-        return str(full.relative_to(cwd))
-    except ValueError:
-        return str(full)
 
 
 def model_blocks(
@@ -245,8 +236,8 @@ def written_class2d(plan: Class2DPlan | None, result: Class2DResult | None) -> I
         return
     ensure_writable_dir(plan.data.parent)
     with atomic_paths(plan.paths()) as (data, model, classes):
-        particles, optics = result.data
-        write_star(data, {"optics": optics, "particles": particles})
+        particles, optics, text = result.data
+        write_star(data, {"optics": optics, "particles": particles}, text=text)
         write_star(model, result.model)
         k, box = result.averages.shape[0], result.averages.shape[-1]
         write_stack(classes, [result.averages.astype(np.float32)], k, box, result.apix)

@@ -323,10 +323,10 @@ def microscope(stack: ParticleStack) -> pd.DataFrame:
 
 
 def particle_class_outputs(
-    folder: Path, final: Path, emb: Embedding, labels: np.ndarray, stack: ParticleStack | None
+    folder: Path, emb: Embedding, labels: np.ndarray, stack: ParticleStack | None
 ) -> list[Path]:
     """particle_classes.csv (particle number, class) and, with the particles, particle_classes.star
-    (the embedded star with these classes; image names valid from `final`, the output folder)."""
+    (the embedded star with these classes; image names valid from the working directory)."""
     csv = folder / "particle_classes.csv"
     table = pd.DataFrame({"particle": np.arange(1, len(labels) + 1), "rlnClassNumber": labels})
     table.to_csv(csv, index=False)
@@ -334,10 +334,8 @@ def particle_class_outputs(
         return [csv]
     star = folder / "particle_classes.star"
     classified = replace(emb, labels=labels)
-    particles, optics = particle_star_tables(
-        stack, embedding_columns(classified), final / star.name
-    )
-    write_star(star, {"optics": optics, "particles": particles})
+    particles, optics, text = particle_star_tables(stack, embedding_columns(classified))
+    write_star(star, {"optics": optics, "particles": particles}, text=text)
     return [csv, star]
 
 
@@ -443,7 +441,7 @@ def generate_figures(
             summary.outputs.append(folder / "pose_histograms.png")
             histogram_figure(summary.outputs[-1], emb)
         if emb is not None and opts.classes is not None:
-            summary.outputs += particle_class_outputs(folder, out, emb, labels, stack)
+            summary.outputs += particle_class_outputs(folder, emb, labels, stack)
         if emb is not None and stack is None:
             summary.notes.append("class averages need --particles (the star that was embedded)")
         elif emb is not None:

@@ -20,6 +20,7 @@ from .errors import UserError
 from .export import (
     CONFIDENCE,
     ELBO,
+    KEPT_TVAE,
     POSE_COLUMNS,
     Z_PREFIX,
     cs_table,
@@ -225,22 +226,23 @@ def select_particles(opts: SelectOptions) -> SelectSummary:
     emb = _embedding(opts.npz, input, particles) if cs is not None else None
 
     new = particles[_embed_columns(particles)].iloc[kept].reset_index(drop=True)
-    tables = particle_star_tables(target, new, out, target_rows[kept])
+    particles_out, optics, text = particle_star_tables(target, new, target_rows[kept])
     outputs = [out] if cs is None else [out, cs]
     cs_array = cs_table(target, _rows_of(emb, kept), target_rows[kept]) if cs else None
     ensure_writable_dir(out.parent)
     ensure_writable_dir(outputs[-1].parent)
     with atomic_paths(outputs) as tmps:
-        write_star(tmps[0], {"optics": tables[1], "particles": tables[0]})
+        write_star(tmps[0], {"optics": optics, "particles": particles_out}, text=text)
         if cs_array is not None:
             write_cs(tmps[1], cs_array)
     return SelectSummary(len(kept), len(stack), _per_class(particles, keep), outputs)
 
 
 def _embed_columns(particles: pd.DataFrame) -> list[str]:
-    """The columns embed wrote: pose, class and tvae* (carried to the full-size star)."""
+    """The columns embed wrote: pose, class and tvae* (carried to the full-size star); not
+    those embed leaves as they are (preprocess's, which describe EMBEDDED's own stack)."""
     own = [c for c in [*POSE_COLUMNS, CLASS] if c in particles]
-    return own + [c for c in particles.columns if c.startswith("tvae")]
+    return own + [c for c in particles.columns if c.startswith("tvae") and c not in KEPT_TVAE]
 
 
 def _embedding(npz, input: Path, particles: pd.DataFrame) -> Embedding:
