@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "tvae_em"
 LEAVES = {"errors", "geometry", "fourier", "ctf", "progress", "runtime"}
-CONSUMERS = {"training", "embed", "generate"}
+CONSUMERS = {"training", "embed", "select", "generate"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -54,7 +54,7 @@ def test_io_and_model_stay_below_the_library():
 def test_no_command_imports_another_and_no_consumer_imports_a_consumer():
     for path in (PACKAGE / "commands").glob("*.py"):
         own = path.stem
-        for other in ("train", "embed", "generate", "preprocess", "simulate"):
+        for other in ("train", "embed", "select", "generate", "preprocess", "simulate"):
             if other != own:
                 text = path.read_text()
                 assert f"from .{other} import" not in text, (path.name, other)

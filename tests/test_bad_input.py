@@ -1,5 +1,6 @@
-"""The bad-input suite: every bad input to preprocess, train, embed and generate gets exit code 2,
-one `Error:` line naming the file, particle or option, no traceback, and leaves nothing behind.
+"""The bad-input suite: every bad input to preprocess, train, embed, select and generate gets
+exit code 2, one `Error:` line naming the file, particle or option, no traceback, and leaves
+nothing behind.
 
 Each row of CASES builds its input in the test's own folder (or uses the shared inputs of the
 `world` fixture), runs the command line and checks the message and that no file anywhere was
@@ -382,6 +383,55 @@ CASES: dict[str, Case] = {
     "embed -o .txt": Case(
         lambda w, t, s: ["embed", w["run"], w["star"], "-o", t / "e.txt"],
         r"-o .*e\.txt: the file name must end in \.star",
+        issue=False,
+    ),
+    "embed --class2d without --classes": Case(
+        lambda w, t, s: ["embed", w["run"], w["star"], "-o", t / "e.star", "--class2d", t / "c/r"],
+        r"--class2d .*c/r: needs --classes K",
+        issue=False,
+    ),
+    # select ----------------------------------------------------------------------------------
+    "select --classes on a star without classes": Case(
+        lambda w, t, s: [
+            "select",
+            w["npz"].with_suffix(".star"),
+            "-o",
+            t / "s.star",
+            "--classes",
+            "1",
+        ],
+        r"--classes: .*e\.star has no rlnClassNumber column \(embed with --classes K\)",
+        issue=False,
+    ),
+    "select a star embed did not write": Case(
+        lambda w, t, s: ["select", w["star"], "-o", t / "s.star"],
+        r"particles\.star: no rlnAnglePsi column \(not written by tvae-em embed\)",
+        issue=False,
+    ),
+    "select --z 1:2:1": Case(
+        lambda w, t, s: [
+            "select",
+            w["npz"].with_suffix(".star"),
+            "-o",
+            t / "s.star",
+            "--z",
+            "1:2:1",
+        ],
+        r"--z 1:2:1: MIN 2 is above MAX 1",
+        issue=False,
+    ),
+    "select --cs with a missing --npz": Case(
+        lambda w, t, s: [
+            "select",
+            w["npz"].with_suffix(".star"),
+            "-o",
+            t / "s.star",
+            "--cs",
+            t / "s.cs",
+            "--npz",
+            t / "none.npz",
+        ],
+        r"--npz .*none\.npz: file not found",
         issue=False,
     ),
     # generate --------------------------------------------------------------------------------

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import mrcfile
 import numpy as np
+import pandas as pd
 import pytest
 import starfile
 import torch
@@ -14,12 +17,12 @@ from conftest import make_run_folder, write_particle_set
 from matplotlib.image import imread
 
 from tvae_em import figures
+from tvae_em.class2d import class_averages
 from tvae_em.cli import main
 from tvae_em.data import Normalisation
 from tvae_em.embed import EmbedOptions, embed_particles
 from tvae_em.generate import (
     GenerateOptions,
-    class_averages,
     generate_figures,
     latent_axes,
     parse_dims,
@@ -242,3 +245,87 @@ def test_ctf_run_adds_a_ctf_row_and_phase_flips(tmp_path):
     assert _png_size(tmp_path / "f" / "reconstructions.png") == lay.size
     with mrcfile.open(tmp_path / "f" / "class_averages.mrcs") as m:
         assert m.data.reshape(-1, BOX, BOX).shape == (1, BOX, BOX) and np.isfinite(m.data).all()
+
+
+# ---- classes: the embedding's by default; --classes K also writes the per-particle classes ----
+@pytest.fixture(scope="module")
+def embedded3(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen3")
+    images, _ = glyphs(30, box=BOX, seed=7, n_classes=3, t_sd_px=1.0)
+    star = write_particle_set(root / "d", images, 2.0)
+    run = make_run_folder(root / "run", BOX)
+    embed_particles(EmbedOptions(run, star, root / "e.star", classes=3))
+    return {"star": star, "run": run, "npz": root / "e.npz", "out": root / "e.star"}
+
+
+def _counts(column) -> list[int]:
+    return np.bincount(np.asarray(column, dtype=np.int64)).tolist()[1:]
+
+
+def test_generate_uses_the_embedding_classes(embedded3, tmp_path):
+    e = embedded3
+    s = generate_figures(
+        GenerateOptions(e["run"], tmp_path, embedding=e["npz"], particles=e["star"], n_steps=2)
+    )
+    embedded = starfile.read(e["out"], always_dict=True)["particles"]
+    table = starfile.read(tmp_path / "class_averages.star", always_dict=True)["particles"]
+    assert len(table) == 3 and table["tvaeClassSize"].tolist() == _counts(
+        embedded["rlnClassNumber"]
+    )
+    assert not {"particle_classes.csv", "particle_classes.star"} & {p.name for p in s.outputs}
+
+
+def test_generate_classes_4_writes_the_particle_classes_it_averaged(embedded3, tmp_path):
+    e = embedded3
+    generate_figures(
+        GenerateOptions(
+            e["run"], tmp_path, embedding=e["npz"], particles=e["star"], classes=4, n_steps=2
+        )
+    )
+    table = starfile.read(tmp_path / "class_averages.star", always_dict=True)["particles"]
+    per_particle = ParticleStack.open(tmp_path / "particle_classes.star")  # its images resolve
+    csv = pd.read_csv(tmp_path / "particle_classes.csv")
+    classes = per_particle.particles["rlnClassNumber"].to_numpy(np.int64)
+    assert len(table) == 4 and table["tvaeClassSize"].tolist() == _counts(classes)
+    assert csv["rlnClassNumber"].tolist() == classes.tolist()
+    assert csv["particle"].tolist() == list(range(1, len(classes) + 1))
+    # the averages are those of these classes (and not of the embedding's 3)
+    npz = np.load(e["npz"])
+    norm = RunFolder(e["run"]).load_model().normalisation
+    again, _ = class_averages(per_particle, norm, npz["theta_rad"], npz["shift_px"], classes - 1, 4)
+    with mrcfile.open(tmp_path / "class_averages.mrcs") as m:
+        np.testing.assert_allclose(m.data, again, atol=1e-5)
+    if shutil.which("relion_star_handler") is None:
+        pytest.skip("RELION 3.1 (relion_star_handler) is not installed")
+    out = subprocess.run(
+        ["relion_star_handler", "--i", "particle_classes.star", "--o", "c4.star",
+         "--select", "rlnClassNumber", "--minval", "4", "--maxval", "4"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    written = starfile.read(tmp_path / "c4.star", always_dict=True).get("particles", [])
+    assert len(written) == (classes == 4).sum()
+
+
+def test_class_averages_star_has_the_particles_optics(embedded3, tmp_path):
+    e = embedded3
+    generate_figures(
+        GenerateOptions(e["run"], tmp_path, embedding=e["npz"], particles=e["star"], n_steps=2)
+    )
+    optics = starfile.read(tmp_path / "class_averages.star", always_dict=True)["optics"]
+    row = optics.iloc[0]
+    assert (row["rlnVoltage"], row["rlnSphericalAberration"], row["rlnAmplitudeContrast"]) == (
+        300.0,
+        2.7,
+        0.1,
+    )
+    assert row["rlnImagePixelSize"] == 2.0 and row["rlnImageSize"] == BOX
+    if shutil.which("relion_star_handler") is None:
+        pytest.skip("RELION 3.1 (relion_star_handler) is not installed")
+    out = subprocess.run(
+        ["relion_star_handler", "--i", "class_averages.star", "--o", "sel.star",
+         "--select", "rlnClassNumber", "--minval", "2", "--maxval", "3"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert len(starfile.read(tmp_path / "sel.star", always_dict=True)["particles"]) == 2

@@ -15,11 +15,12 @@ from . import __version__
 from .commands.embed import embed
 from .commands.generate import generate
 from .commands.preprocess import preprocess
+from .commands.select import select
 from .commands.simulate import simulate
 from .commands.train import train
 from .errors import UserError
 
-COMMANDS = [simulate, preprocess, train, embed, generate]
+COMMANDS = [simulate, preprocess, train, embed, select, generate]
 
 
 class _Group(click.Group):
@@ -43,6 +44,7 @@ def main() -> None:
       tvae-em preprocess particles.star -o prep/ --size 64
       tvae-em train prep/particles.star -o run/
       tvae-em embed run/ prep/particles.star -o embedded.star
+      tvae-em select embedded.star -o good.star --classes 1,3 --min-confidence 0.5
       tvae-em generate run/ -o figs/ --embedding embedded.npz
     """
 

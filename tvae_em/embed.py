@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .class2d import class2d_result, plan_class2d, written_class2d
 from .clustering import assign_classes
 from .ctf import batch_ctf
 from .data import BatchDataset, check_num_workers, epoch_batches, make_loader
@@ -49,6 +50,7 @@ class EmbedOptions:
     npz_out: str | os.PathLike | None = None
     original: str | os.PathLike | None = None
     original_out: str | os.PathLike | None = None
+    class2d: str | os.PathLike | None = None
     input_apix: float | None = None
     num_workers: int = 0
     with_elbo: bool = True
@@ -122,6 +124,8 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
     )
     if plan.cs is not None:
         check_cs_source(orig if orig is not None else stack)
+    taken = [*plan.paths(), input, opts.original]
+    c2d = plan_class2d(opts.class2d, opts.classes, taken) if opts.class2d else None
     apix = stack.apix  # (n,) UserError when unknown
     use_ctf = (opts.with_elbo or opts.refine) and trained.uses_ctf(stack)
     ctf_for = _ctf_function(stack, input, dev) if use_ctf else None
@@ -153,8 +157,15 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
         target, target_rows = orig, rows
     if plan.cs is not None:
         tables["cs"] = cs_table(target, emb, target_rows)
-    write_outputs(plan, tables)
-    return EmbedSummary(n, seconds, str(dev), outputs=plan.paths(), classes=opts.classes)
+    c2d_result = (
+        class2d_result(c2d, stack, trained.normalisation, emb, new, opts.classes, progress)
+        if c2d
+        else None
+    )
+    with written_class2d(c2d, c2d_result):  # renamed with the other files: all or none
+        write_outputs(plan, tables)
+    outputs = plan.paths() + (c2d.paths() if c2d else [])
+    return EmbedSummary(n, seconds, str(dev), outputs=outputs, classes=opts.classes)
 
 
 def _centres(model, emb, mode: str, device) -> np.ndarray | None:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +17,13 @@ import pandas as pd
 import torch
 
 from . import figures
+from .class2d import class_averages, flip_function
 from .clustering import assign_classes
 from .ctf import CtfParams, batch_ctf
-from .data import BatchDataset, Normalisation, epoch_batches, make_loader
 from .errors import UserError
-from .fourier import apply_ctf, phase_flip
-from .geometry import align_images, relion_pose
+from .export import embedding_columns, particle_star_tables
+from .fourier import apply_ctf
+from .geometry import relion_pose
 from .inference import Embedding
 from .io import (
     ParticleStack,
@@ -33,7 +33,7 @@ from .io import (
     write_stack,
     write_star,
 )
-from .progress import Advance, ProgressFactory, no_progress
+from .progress import ProgressFactory, no_progress
 from .run import RunFolder, TrainedModel
 from .runtime import check_seed, resolve_device
 
@@ -41,6 +41,7 @@ MAX_SIZE = 1024
 MAX_STEPS = 33
 MAX_DEFAULT_DIMS = 10
 RENDER_PIXELS = 2_000_000  # pixels rendered per generator call (bounds memory)
+MICROSCOPE = ["rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"]
 
 
 @dataclass
@@ -171,40 +172,6 @@ def render(
     return out
 
 
-def class_averages(
-    stack,
-    norm: Normalisation,
-    theta: np.ndarray,
-    t_px: np.ndarray,
-    labels: np.ndarray,
-    k: int,
-    batch_size: int = 256,
-    flip_for: Callable[[np.ndarray], torch.Tensor] | None = None,
-    advance: Advance | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-class means (k, D, D) of particles aligned with their pose, and class sizes (k,).
-
-    labels (n,) are 0-based. Particles are streamed; `flip_for(idx)` gives CTFs to phase-flip by.
-    """
-    d = stack.box
-    sums = torch.zeros(k, d, d, dtype=torch.float64)
-    counts = np.bincount(labels, minlength=k)
-    loader = make_loader(
-        BatchDataset(stack, norm), epoch_batches(len(stack), batch_size, 0, 0, False), 0
-    )
-    for idx, y in loader:
-        i = idx.numpy()
-        if flip_for is not None:
-            y = phase_flip(y, flip_for(i))
-        th = torch.as_tensor(theta[i], dtype=torch.float32)
-        aligned = align_images(y, th, torch.as_tensor(t_px[i], dtype=torch.float32))  # (B, D, D)
-        sums.index_add_(0, torch.as_tensor(labels[i]), aligned.double())
-        if advance is not None:
-            advance(len(i))
-    means = sums / torch.as_tensor(np.maximum(counts, 1), dtype=torch.float64)[:, None, None]
-    return means.float().numpy(), counts
-
-
 # ---------------------------------------------------------------- inputs
 
 
@@ -321,12 +288,13 @@ def _with_ctf(images: np.ndarray, stack, ctf: CtfParams, idx: np.ndarray, size: 
     return apply_ctf(torch.from_numpy(images), c).numpy()
 
 
-def class_average_outputs(folder: Path, averages, counts, apix: float) -> list[Path]:
-    """class_averages.mrcs, .star (class sizes) and .png."""
+def class_average_outputs(folder: Path, averages, counts, stack: ParticleStack) -> list[Path]:
+    """class_averages.mrcs, .star (class sizes, the particles' optics) and .png."""
     k, box = len(averages), averages.shape[-1]
+    apix = float(np.median(stack.apix))
     mrcs, star, png = (folder / f"class_averages.{ext}" for ext in ("mrcs", "star", "png"))
     write_stack(mrcs, [averages.astype(np.float32)], k, box, apix)
-    _, optics = build_optics(pd.DataFrame(index=[0]), np.array([float(apix)]), box)
+    _, optics = build_optics(microscope(stack), np.array([apix]), box)
     write_star(star, {"optics": optics, "particles": _class_table(counts, mrcs.name)})
     per_row = min(k, 10)
     titles = [f"class {j + 1} (n={c})" for j, c in enumerate(counts)]
@@ -337,6 +305,38 @@ def class_average_outputs(folder: Path, averages, counts, apix: float) -> list[P
         panel_titles=[titles[i : i + per_row] for i in range(0, k, per_row)],
     )
     return [mrcs, star, png]
+
+
+def microscope(stack: ParticleStack) -> pd.DataFrame:
+    """One row: the voltage, Cs and amplitude contrast of the particles' largest optics group
+    (the columns their optics table has; `build_optics` completes the rest)."""
+    particles, optics = stack.relion31_tables()
+    columns = [c for c in MICROSCOPE if c in optics]
+    if not columns:
+        return pd.DataFrame(index=[0])
+    row = optics.iloc[:1]
+    if "rlnOpticsGroup" in particles and "rlnOpticsGroup" in optics:
+        largest = particles["rlnOpticsGroup"].astype(str).value_counts().index[0]
+        match = optics[optics["rlnOpticsGroup"].astype(str) == largest]
+        row = match if len(match) else row
+    return pd.DataFrame({c: [float(row[c].iloc[0])] for c in columns})
+
+
+def particle_class_outputs(
+    folder: Path, emb: Embedding, labels: np.ndarray, stack: ParticleStack | None
+) -> list[Path]:
+    """particle_classes.csv (particle number, class) and, with the particles, particle_classes.star
+    (the embedded star with these classes; image names valid from the working directory)."""
+    csv = folder / "particle_classes.csv"
+    table = pd.DataFrame({"particle": np.arange(1, len(labels) + 1), "rlnClassNumber": labels})
+    table.to_csv(csv, index=False)
+    if stack is None:
+        return [csv]
+    star = folder / "particle_classes.star"
+    classified = replace(emb, labels=labels)
+    particles, optics, text = particle_star_tables(stack, embedding_columns(classified))
+    write_star(star, {"optics": optics, "particles": particles}, text=text)
+    return [csv, star]
 
 
 def _class_table(counts: np.ndarray, stack_name: str) -> pd.DataFrame:
@@ -408,10 +408,13 @@ def generate_figures(
         else None
     )
     labels = _class_labels(emb, opts.classes, opts.seed) if emb is not None else None
-    # the particles' CTFs (parsed once) when the run was trained with them
-    ctf = stack.ctf_params() if stack is not None and trained.uses_ctf(stack) else None
+    # the particles' CTFs, parsed once: phase flips (class averages); the model's CTF row too
+    # when the run was trained with them
+    params = stack.ctf_params() if stack is not None else None
+    ctf = params if params is not None and trained.uses_ctf(stack) else None
+    out = Path(opts.out_dir)
     try:
-        check_writable_dir(opts.out_dir)
+        check_writable_dir(out)
     except UserError as e:
         raise UserError(f"-o {opts.out_dir}: {e}") from None
 
@@ -437,28 +440,23 @@ def generate_figures(
             scatter_figure(summary.outputs[-1], emb, labels)
             summary.outputs.append(folder / "pose_histograms.png")
             histogram_figure(summary.outputs[-1], emb)
+        if emb is not None and opts.classes is not None:
+            summary.outputs += particle_class_outputs(folder, emb, labels, stack)
         if emb is not None and stack is None:
             summary.notes.append("class averages need --particles (the star that was embedded)")
         elif emb is not None:
-            flip = _flip_function(stack, ctf) if ctf is not None else None
+            k = opts.classes if opts.classes is not None else int(labels.max())
             with progress(len(stack), "class averages") as advance:
                 averages, counts = class_averages(
                     stack,
                     trained.normalisation,
                     emb.theta,
-                    emb.t,
+                    emb.shift,  # the object centres the written origins put at the box centre
                     labels - 1,
-                    int(labels.max()),
-                    flip_for=flip,
+                    k,
+                    flip_for=flip_function(stack, params),
                     advance=advance,
                 )
-            apix = float(np.median(stack.apix))
-            summary.outputs += class_average_outputs(folder, averages, counts, apix)
+            summary.outputs += class_average_outputs(folder, averages, counts, stack)
     summary.outputs = [Path(opts.out_dir) / p.name for p in summary.outputs]
     return summary
-
-
-def _flip_function(stack: ParticleStack, params: CtfParams) -> Callable[[np.ndarray], torch.Tensor]:
-    """idx -> (B, D, D) CTFs of those particles (their signs phase-flip the images)."""
-    apix = stack.apix
-    return lambda idx: batch_ctf(params, apix, idx, stack.box)

@@ -4,6 +4,8 @@
     tvae-em embed run/ prep/particles.star -o embedded.star \\
         --original Extract/job012/particles.star --cs embedded.cs
     tvae-em embed run/ prep/particles.star -o quick.star --no-elbo --checkpoint best
+    tvae-em embed run/ prep/particles.star -o embedded.star --classes 10 \\
+        --class2d Class2D/run_it000
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ from .options import (
     type=click.Path(dir_okay=False),
     help="Also write a cryoSPARC .cs (of --original when given, else of INPUT): blob/*, ctf/* "
     "(or a .cs input's fields) and alignments2D/*; needs particles with defocus.",
+)
+@click.option(
+    "--class2d",
+    metavar="PREFIX",
+    help="With --classes: also write PREFIX_data.star, PREFIX_model.star and "
+    "PREFIX_classes.mrcs as relion_refine's 2D classification does (e.g. Class2D/run_it000).",
 )
 @click.option(
     "--npz",

@@ -41,7 +41,12 @@ from .options import checkpoint_option, datadir_option, device_option, out_optio
     show_default=True,
     help="Traverse from -RANGE to +RANGE sds.",
 )
-@click.option("--classes", type=int, help="Re-cluster the embedding into K k-means classes.")
+@click.option(
+    "--classes",
+    type=int,
+    help="Re-cluster the embedding into K k-means classes (and write them per particle: "
+    "particle_classes.csv/.star). [default: the embedding's classes]",
+)
 @click.option("--n-recon", type=int, default=8, show_default=True, help="Particles to reconstruct.")
 @device_option()
 @checkpoint_option()
@@ -56,6 +61,8 @@ def generate(**kw) -> None:
       tvae-em generate run/ -o figs/
       tvae-em generate run/ -o figs/ --embedding embedded.npz \\
           --particles prep/particles.star --size 128
+      tvae-em generate run/ -o figs/ --embedding embedded.npz \\
+          --particles prep/particles.star --classes 4
     """
     from ..generate import GenerateOptions, generate_figures
     from ..progress import progress_bar
