@@ -433,6 +433,7 @@ def clean_images(
 ) -> np.ndarray:
     """The noise-free, CTF-free particles (n, box, box): T(t) R(theta) template[label] at the
     templates' size, Fourier-cropped to box (as `preprocess --size` crops the real ones)."""
+    theta, t = np.array(theta, np.float64), np.array(t, np.float64)  # writable copies for torch
     images = _pose(np.asarray(templates, np.float32)[np.asarray(label)], theta, t)
     if box is not None and box != images.shape[-1]:
         images = np.concatenate(
