@@ -115,9 +115,7 @@ def clean_particles(truth: dict, box: int) -> np.ndarray:
     """The simulation's noise-free, CTF-free particles at the preprocessed box."""
     from tvae_em.synthetic import clean_images
 
-    return clean_images(
-        truth["templates_sim"], truth["theta"], truth["t_sim"], truth["class"], box
-    )
+    return clean_images(truth["templates_sim"], truth["theta"], truth["t_sim"], truth["class"], box)
 
 
 # ---------------------------------------------------------------------------------- running
@@ -159,7 +157,9 @@ def run_relion(pipe: Pipeline, prep: Path, k: int, box: int, apix: float, opts: 
 def benchmark(opts: dict) -> dict[str, object]:
     """Simulate, preprocess, run both tools, score both: the result row."""
     k = 6  # simulate --hard: 3 volumes x 2 views
-    name = f"hard_snr{opts['snr']:g}_box{opts['box']}_n{opts['n']}_e{opts['epochs']}_s{opts['seed']}"
+    name = (
+        f"hard_snr{opts['snr']:g}_box{opts['box']}_n{opts['n']}_e{opts['epochs']}_s{opts['seed']}"
+    )
     work = Path(opts["work"]) / name
     if work.exists():
         shutil.rmtree(work)

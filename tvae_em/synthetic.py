@@ -346,7 +346,10 @@ def simulate_particles(
     if len(of_view) != len(rotations) or of_view.min() < 0 or of_view.max() >= len(vols):
         raise UserError(f"view_volumes {of_view.tolist()} do not fit {len(vols)} volumes")
     templates = np.concatenate(
-        [_templates(vols[v], rotations[k : k + 1], box, apix, vol_apix) for k, v in enumerate(of_view)]
+        [
+            _templates(vols[v], rotations[k : k + 1], box, apix, vol_apix)
+            for k, v in enumerate(of_view)
+        ]
     )
     k, box = len(templates), templates.shape[-1]
     view_cc = view_correlation(templates, apix, check_res_A)
@@ -429,7 +432,11 @@ def views_table(
 
 
 def clean_images(
-    templates: np.ndarray, theta: np.ndarray, t: np.ndarray, label: np.ndarray, box: int | None = None
+    templates: np.ndarray,
+    theta: np.ndarray,
+    t: np.ndarray,
+    label: np.ndarray,
+    box: int | None = None,
 ) -> np.ndarray:
     """The noise-free, CTF-free particles (n, box, box): T(t) R(theta) template[label] at the
     templates' size, Fourier-cropped to box (as `preprocess --size` crops the real ones)."""
