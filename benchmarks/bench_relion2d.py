@@ -154,63 +154,97 @@ def run_relion(pipe: Pipeline, prep: Path, k: int, box: int, apix: float, opts: 
     return out_dir / f"run_it{opts['relion_iter']:03d}_data.star"
 
 
-def benchmark(opts: dict) -> dict[str, object]:
-    """Simulate, preprocess, run both tools, score both: the result row."""
-    k = 6  # simulate --hard: 3 volumes x 2 views
-    name = (
+K = 6  # simulate --hard: 3 volumes x 2 views
+
+
+def run_name(opts: dict) -> str:
+    return (
         f"hard_snr{opts['snr']:g}_box{opts['box']}_n{opts['n']}_e{opts['epochs']}_s{opts['seed']}"
     )
+
+
+def benchmark(opts: dict) -> dict[str, object]:
+    """Simulate, preprocess, run both tools (timings.json after each step), score both."""
+    name = run_name(opts)
     work = Path(opts["work"]) / name
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
     pipe = Pipeline(name, work)
     load = {"start": os.getloadavg()}
+
+    def step(label: str, *args) -> None:
+        pipe.run(label, *args)
+        _save_timings(work, pipe, load)
+
     data, prep = work / "data", work / "prep"
-    pipe.run("simulate", "simulate", "particles", "-o", data, "--hard", "--n", opts["n"],
-             "--snr", opts["snr"], "--seed", opts["seed"])  # fmt: skip
-    pipe.run("preprocess", "preprocess", data / "particles.star", "-o", prep, "--size", opts["box"])
-    truth = load_truth(data, opts["box"])
-    clean = clean_particles(truth, opts["box"])
-    tools: dict[str, object] = {}
+    step("simulate", "simulate", "particles", "-o", data, "--hard", "--n", opts["n"],
+         "--snr", opts["snr"], "--seed", opts["seed"])  # fmt: skip
+    step("preprocess", "preprocess", data / "particles.star", "-o", prep, "--size", opts["box"])
     if not opts["skip_tvae"]:
-        pipe.run("train", "train", prep / "particles.star", "-o", work / "run", "--epochs",
-                 opts["epochs"], "--seed", opts["seed"], *opts["train_extra"].split())  # fmt: skip
-        emb = work / "embedded.star"
-        pipe.run("embed", "embed", work / "run", prep / "particles.star", "-o", emb,
-                 "--classes", k, "--no-elbo", "--seed", opts["seed"])  # fmt: skip
-        row = score_method(poses_from_star(emb, opts["n"]), truth, clean)
-        row["wall_s"] = pipe.timings["train"] + pipe.timings["embed"]
-        tools["tvae-em"] = row
+        step("train", "train", prep / "particles.star", "-o", work / "run", "--epochs",
+             opts["epochs"], "--seed", opts["seed"], *opts["train_extra"].split())  # fmt: skip
+        step("embed", "embed", work / "run", prep / "particles.star", "-o", work / "embedded.star",
+             "--classes", K, "--no-elbo", "--seed", opts["seed"])  # fmt: skip
     relion_prep = prep
     if opts["relion_invert"]:
         relion_prep = work / "prep_inverted"
-        pipe.run("preprocess", "preprocess", data / "particles.star", "-o", relion_prep,
-                 "--size", opts["box"], "--invert")  # fmt: skip
+        step("preprocess", "preprocess", data / "particles.star", "-o", relion_prep,
+             "--size", opts["box"], "--invert")  # fmt: skip
     if opts["skip_relion"]:
         pass
     elif shutil.which("relion_refine") is None:
         click.echo("relion_refine not found on PATH: skipping RELION (apt-get install relion)")
-        tools["relion"] = {"skipped": "relion_refine not installed"}
     else:
-        star = run_relion(pipe, relion_prep, k, opts["box"], truth["apix"], opts)
-        row = score_method(poses_from_star(star, opts["n"]), truth, clean)
-        row["wall_s"] = pipe.timings["relion"]
-        tools["relion"] = row
+        apix = 2.0 * 64 / opts["box"]  # the --hard preset's 2 A at 64 px, preprocessed to --box
+        run_relion(pipe, relion_prep, K, opts["box"], apix, opts)
+        _save_timings(work, pipe, load)
+    load["end"] = os.getloadavg()
+    _save_timings(work, pipe, load)
+    return score_work(work, opts)
+
+
+def _last_relion_star(work: Path) -> Path | None:
+    """The last iteration's run_itNNN_data.star in relion*/ (a run stopped early: its last one)."""
+    stars = sorted(work.glob("relion*/run_it[0-9][0-9][0-9]_data.star"), key=lambda p: p.name)
+    return stars[-1] if stars else None
+
+
+def _save_timings(work: Path, pipe: Pipeline, load: dict) -> None:
+    info = {"wall_seconds": pipe.timings, "commands": pipe.commands, "load_average": load}
+    (work / "timings.json").write_text(json.dumps(info, indent=1))
+
+
+def score_work(work: Path, opts: dict) -> dict[str, object]:
+    """Score whatever a run folder holds: embedded.star (tvae-em) and the last RELION
+    iteration's _data.star (relion/, or another relion*/ folder), plus the true poses."""
+    info = json.loads((work / "timings.json").read_text())
+    times = info["wall_seconds"]
+    truth = load_truth(work / "data", opts["box"])
+    clean = clean_particles(truth, opts["box"])
+    tools: dict[str, object] = {}
+    emb = work / "embedded.star"
+    if emb.is_file():
+        tools["tvae-em"] = score_method(poses_from_star(emb, opts["n"]), truth, clean)
+        tools["tvae-em"]["wall_s"] = times.get("train", math.nan) + times.get("embed", math.nan)
+    star = _last_relion_star(work)
+    if star is not None:
+        tools["relion"] = score_method(poses_from_star(star, opts["n"]), truth, clean)
+        tools["relion"]["wall_s"] = times.get("relion", math.nan)
+        tools["relion"].update(star=str(star), iterations=int(star.name[6:9]))
+    elif shutil.which("relion_refine") is None:
+        tools["relion"] = {"skipped": "relion_refine not installed"}
     oracle = {"theta": truth["theta"], "t": truth["t"], "class": truth["class"]}
     tools["true poses"] = score_method(oracle, truth, clean)
-    load["end"] = os.getloadavg()
-    views = pd.read_csv(data / "views.csv")
+    views = pd.read_csv(work / "data" / "views.csv")
     return {
-        "name": name,
+        "name": work.name,
         "data": f"hard: 3 look-alike volumes x 2 views, SNR {opts['snr']:g}, CTF 1-2.5 um, "
         f"{opts['n']} particles, 64 px -> {opts['box']} px",
         "max_view_cc": float(views["max_cc"].max()),
         "tools": tools,
         "options": {k_: v for k_, v in opts.items() if k_ not in ("work", "results")},
-        "commands": pipe.commands,
-        "wall_seconds": pipe.timings,
-        "load_average": load,
+        **info,
         "machine": machine(),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -239,7 +273,9 @@ def markdown_rows(result: dict) -> list[str]:
     for tool, scores in result["tools"].items():
         if "skipped" in scores:
             continue
-        cells = [result["name"], tool]
+        iters = scores.get("iterations")
+        partial = f" ({iters} it)" if iters is not None and iters != 25 else ""
+        cells = [result["name"], tool + partial]
         for key, _, fmt in COLUMNS:
             v = scores.get(key)
             missing = v is None or (isinstance(v, float) and math.isnan(v))
@@ -283,14 +319,15 @@ def save(result: dict, results: Path) -> Path:
 @click.option("--results", type=click.Path(file_okay=False),
               default=str(DEFAULT_WORK / "results"), show_default=True)  # fmt: skip
 @click.option("--table", is_flag=True, help="Print every result so far as one table and stop.")
-def main(table: bool, **opts) -> None:
+@click.option("--rescore", is_flag=True, help="Score the finished run folder of these options.")
+def main(table: bool, rescore: bool, **opts) -> None:
     """tvae-em vs RELION 3.1 Class2D on one simulated hard set, scored the same way."""
     results = Path(opts["results"])
     if table:
         rows = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
         click.echo(markdown_table(rows) if rows else f"no results in {results}")
         return
-    result = benchmark(opts)
+    result = score_work(Path(opts["work"]) / run_name(opts), opts) if rescore else benchmark(opts)
     path = save(result, results)
     click.echo(markdown_table([result]))
     click.echo(f"-> {path}")
