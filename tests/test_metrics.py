@@ -10,11 +10,19 @@ import torch
 
 from tvae_em.geometry import transform_images
 from tvae_em.metrics import (
+    angle_error_summary,
+    angle_errors,
     circular_correlation,
+    class_average_sharpness,
     cluster_embedding_accuracy,
     clustering_accuracy,
+    frc,
+    frc_resolution,
     kmeans,
+    pairwise_view_correlation,
     pearson_r,
+    pose_scores,
+    recentred_shift_errors,
     relion_align,
     shift_correlation,
     template_correlation,
@@ -163,3 +171,98 @@ def test_relion_align_undoes_the_project_pose():
     assert np.corrcoef(aligned.ravel(), template.ravel())[0, 1] > 0.97
     wrong = relion_align(particle, math.degrees(theta), t[0], t[1])
     assert np.corrcoef(wrong.ravel(), template.ravel())[0, 1] < 0.7
+
+
+# ---- distinct views ---------------------------------------------------------------------------
+
+
+def test_pairwise_view_correlation_sees_through_rotation_shift_and_mirror():
+    f, l_ = render_glyph("F", 32), render_glyph("L", 32)
+    turned = _pose(f, math.radians(90), (2.0, -1.0))
+    mirrored = np.ascontiguousarray(f[:, ::-1])
+    cc = pairwise_view_correlation(np.stack([f, turned, mirrored, l_]), n_angles=72)
+    assert cc[0, 1] > 0.99 and cc[0, 2] > 0.99  # one image, turned and shifted / mirrored
+    assert cc[0, 3] < 0.9 and np.allclose(cc, cc.T)
+    no_mirror = pairwise_view_correlation(np.stack([f, mirrored]), n_angles=72, mirror=False)
+    assert no_mirror[0, 1] < cc[0, 2] - 0.1
+
+
+# ---- pose errors ------------------------------------------------------------------------------
+
+
+def test_angle_errors_remove_one_offset_per_true_class():
+    rng = np.random.default_rng(0)
+    n = 400
+    labels = np.arange(n) % 2
+    true = rng.uniform(-math.pi, math.pi, n)
+    err = np.where(np.arange(n) % 4 < 2, 2.0, -2.0)  # +-2 deg, zero mean in each class
+    pred = true + np.where(labels == 0, 1.0, -2.5) + np.radians(err)  # class offsets removed
+    e = angle_errors(pred, true, labels)
+    np.testing.assert_allclose(e, 2.0, atol=1e-9)
+    flipped = pred.copy()
+    flipped[:40] += math.pi  # 10% half-turn flips
+    s = angle_error_summary(angle_errors(flipped, true, labels))
+    assert s["angle_beyond_150"] == pytest.approx(0.1, abs=0.005)
+    assert s["angle_within_3"] == pytest.approx(0.9, abs=0.005)
+    assert s["angle_err_median_deg"] < 12  # the flips drag the class mean a little
+
+
+def test_recentred_shift_errors_fit_an_offset_that_turns_with_the_particle():
+    rng = np.random.default_rng(1)
+    n = 600
+    labels = np.arange(n) % 3
+    theta = rng.uniform(-math.pi, math.pi, n)
+    true_t = rng.normal(0, 2, (n, 2))
+    d = np.array([[3.0, 0.0], [0.0, -2.0], [1.0, 1.0]])  # each class's template-frame offset
+    c, s = np.cos(theta), np.sin(theta)
+    moved = np.stack([c * d[labels, 0] - s * d[labels, 1], s * d[labels, 0] + c * d[labels, 1]], 1)
+    resid = rng.normal(0, 0.3, (n, 2))
+    pred_t = true_t + moved + resid
+    err, offsets = recentred_shift_errors(pred_t, true_t, theta, labels)
+    np.testing.assert_allclose(offsets, d, atol=0.05)
+    np.testing.assert_allclose(err, np.linalg.norm(resid, axis=1), atol=0.1)
+    raw = np.linalg.norm(pred_t - true_t, axis=1)
+    assert np.median(raw) > 1.0 > np.median(err)
+    # a constant offset in the particle frame is not a frame offset: it stays an error
+    err2, _ = recentred_shift_errors(true_t + np.array([2.0, 0.0]), true_t, theta, labels)
+    assert np.median(err2) > 1.5
+
+
+def test_pose_scores_of_the_truth_and_of_permuted_labels():
+    rng = np.random.default_rng(2)
+    n = 90
+    labels = np.arange(n) % 3
+    theta, t = rng.uniform(-math.pi, math.pi, n), rng.normal(0, 2, (n, 2))
+    s = pose_scores(theta + labels, t, (labels + 1) % 3, theta, t, labels)
+    assert s["class_acc"] == 1.0 and s["angle_err_median_deg"] == pytest.approx(0, abs=1e-9)
+    assert s["shift_err_median_px"] == pytest.approx(0, abs=1e-9) and s["shift_r"] == 1.0
+
+
+# ---- sharpness --------------------------------------------------------------------------------
+
+
+def test_frc_resolution_of_identical_lowpassed_and_noisy_images():
+    from tvae_em.fourier import lowpass
+
+    img = render_glyph("P", 64) + np.random.default_rng(3).normal(0, 0.05, (64, 64))
+    assert frc(img, img) == pytest.approx(np.ones(32))
+    assert frc_resolution(img, img, apix=2.0) == 4.0  # Nyquist
+    soft = lowpass(img[None].astype(np.float32), 2.0, 16.0, kind="hard")[0]
+    res = frc_resolution(img, soft, apix=2.0)
+    assert 12.0 < res < 20.0  # the cut at 16 A
+    other = np.random.default_rng(4).normal(0, 1, (64, 64))
+    assert frc_resolution(img, other, apix=2.0) > 30.0
+
+
+def test_class_average_sharpness_perfect_vs_misaligned():
+    templates = np.stack([render_glyph(g, 32) for g in "FLP"])
+    labels = np.arange(60) % 3
+    good = class_average_sharpness(templates[labels], labels, templates, apix=4.0)
+    assert good["avg_cc_mean"] > 0.99 and good["avg_frc05_median_A"] == pytest.approx(8.0)
+    rng = np.random.default_rng(5)
+    smeared = np.stack([_pose(templates[k], rng.uniform(-0.6, 0.6)) for k in labels])
+    bad = class_average_sharpness(smeared, labels, templates, apix=4.0)
+    assert bad["avg_cc_mean"] < good["avg_cc_mean"] - 0.05
+    assert bad["avg_frc05_median_A"] > 12.0
+    merged = class_average_sharpness(templates[labels], np.zeros(60, int), templates, apix=4.0)
+    assert merged["avg_cc"].count(0.0) == 2  # one class for three templates: two unmatched

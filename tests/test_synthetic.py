@@ -20,7 +20,10 @@ from tvae_em.fourier import apply_ctf, fourier_resize
 from tvae_em.geometry import align_images, transform_images
 from tvae_em.metrics import relion_align
 from tvae_em.synthetic import (
+    blob_family,
     blob_volume,
+    build_dataset,
+    clean_images,
     glyphs,
     load_mnist,
     mnist_rotated,
@@ -236,3 +239,69 @@ def test_cli_simulate_particles_and_user_errors(tmp_path):
     )
     assert res.exit_code == 2 and "nope.mrc" in res.output
     assert "Example" in runner.invoke(main, ["simulate", "--help"]).output
+
+
+# ---- hard sets: look-alike volumes, distinct views ---------------------------------------------
+
+
+def test_view_rotated_about_the_beam_axis_is_refused(volume):
+    # the same direction (rot, tilt) with psi turned by 90 deg: one image, rotated in-plane
+    with pytest.raises(UserError, match=r"classes 0 and 1 .*correlation 1\.000"):
+        simulate_particles(volume, 6, [(30, 60, 0), (30, 60, 90), (200, 100, 0)], apix=4.0)
+    with pytest.raises(UserError, match="classes 0 and 1"):  # a small turn too
+        simulate_particles(volume, 6, [(30, 60, 0), (30, 60, 37), (200, 100, 0)], apix=4.0)
+
+
+def test_view_from_the_opposite_side_is_refused_as_a_mirror(volume):
+    # looking from -d gives the mirror image of the view from d
+    with pytest.raises(UserError, match="classes 0 and 1"):
+        simulate_particles(volume, 6, [(30, 60, 0), (210, 120, 0)], apix=4.0)
+    _, truth = simulate_particles(
+        volume, 6, [(30, 60, 0), (210, 120, 0)], apix=4.0, max_view_cc=None
+    )
+    assert truth["view_cc"][0, 1] > 0.999  # measured, not refused
+
+
+def test_distinct_views_pass_and_their_correlations_are_kept(volume):
+    _, truth = simulate_particles(volume, 6, spread_views(3), apix=4.0, snr=1.0)
+    cc = truth["view_cc"]
+    assert cc.shape == (3, 3) and np.allclose(cc, cc.T) and np.allclose(np.diag(cc), 1.0)
+    assert cc[~np.eye(3, dtype=bool)].max() < 0.98
+    assert truth["views"]["max_cc"].tolist() == pytest.approx(
+        np.where(np.eye(3, dtype=bool), -1, cc).max(1).tolist()
+    )
+
+
+def test_hard_preset_writes_views_csv_of_lookalike_volumes(tmp_path):
+    # the preset at a quarter of its size: 3 volumes x 2 views, equal mass, distinct views
+    paths = build_dataset("particles", tmp_path, n=12, box=32, apix=4.0, snr=0.1, hard=True)
+    views = pd.read_csv(paths["views"])
+    assert len(views) == 6 and sorted(views["volume"].tolist()) == [0, 0, 1, 1, 2, 2]
+    assert views["max_cc"].max() < 0.98 and views["max_cc"].min() > 0.5  # alike, not equal
+    cc = views[[f"cc_{j}" for j in range(6)]].to_numpy()
+    np.testing.assert_allclose(cc, cc.T)
+    vols = blob_family(3, 32, seed=0)
+    mass = vols.sum(axis=(1, 2, 3))
+    np.testing.assert_allclose(mass, mass.mean(), rtol=1e-5)
+    assert _cc(vols[0], vols[1]) > 0.5  # the shared core: alike at low resolution
+    assert not np.allclose(vols[0], vols[1], atol=0.05)
+    truth = pd.read_csv(paths["truth"])
+    assert np.bincount(truth["class"]).tolist() == [2] * 6
+
+
+def test_hard_options_are_checked(tmp_path):
+    with pytest.raises(UserError, match="--volumes 4 needs"):
+        build_dataset("particles", tmp_path / "a", n=4, box=24, volumes=4, views=3)
+    with pytest.raises(UserError, match="--defocus"):
+        build_dataset("particles", tmp_path / "b", n=4, box=24, defocus_um=(2.0, 1.0))
+    with pytest.raises(UserError, match="particles only"):
+        build_dataset("glyphs", tmp_path / "c", n=4, hard=True)
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
+
+
+def test_clean_images_are_the_posed_templates(clean):
+    images, truth = clean
+    noise_free = clean_images(truth["templates"], truth["theta"], truth["t"], truth["label"])
+    np.testing.assert_allclose(noise_free * truth["scale"], images, atol=1e-5)
+    small = clean_images(truth["templates"], truth["theta"], truth["t"], truth["label"], 16)
+    np.testing.assert_allclose(small, fourier_resize(noise_free, 16), atol=1e-5)

@@ -176,16 +176,38 @@ def blob_volume(
 ) -> np.ndarray:
     """An asymmetric density (size, size, size) float32, axes (z, y, x): a sum of Gaussian blobs
     of random widths and heights within `extent` * size of the centre (so projections fit)."""
-    rng = np.random.default_rng(seed)
+    vol = _add_blobs(np.zeros((size,) * 3), np.random.default_rng(seed), n_blobs, extent)
+    return (vol / vol.max()).astype(np.float32)
+
+
+def _add_blobs(vol: np.ndarray, rng: np.random.Generator, n_blobs: int, extent: float):
+    """vol (D, D, D) plus n_blobs Gaussian blobs drawn from rng (centre, width, height)."""
+    size = vol.shape[-1]
     r = np.arange(size, dtype=np.float64) - size // 2
     zz, yy, xx = np.meshgrid(r, r, r, indexing="ij")
-    vol = np.zeros((size, size, size))
+    vol = vol.copy()
     for _ in range(n_blobs):
         c = rng.uniform(-1, 1, 3) * extent * size  # (z, y, x) centre
         sd = rng.uniform(0.04, 0.09) * size
         d2 = (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2
         vol += rng.uniform(0.5, 1.0) * np.exp(-d2 / (2 * sd**2))
-    return (vol / vol.max()).astype(np.float32)
+    return vol
+
+
+def blob_family(
+    m: int, size: int = 64, seed: int = 0, shared: int = 8, own: int = 6, extent: float = 0.25
+) -> np.ndarray:
+    """m different globular densities (m, size, size, size) that look alike at low resolution:
+    the same `shared` blobs plus `own` blobs each, all scaled to the same mass (sum) and peak 1
+    on average. The hard benchmark sets use them (docs/results.md)."""
+    if m < 1:
+        raise UserError(f"--volumes must be at least 1, got {m}")
+    core = _add_blobs(np.zeros((size,) * 3), np.random.default_rng(seed), shared, extent)
+    vols = np.stack(
+        [_add_blobs(core, np.random.default_rng([seed, j + 1]), own, extent) for j in range(m)]
+    )
+    vols *= vols.sum(axis=(1, 2, 3)).mean() / vols.sum(axis=(1, 2, 3))[:, None, None, None]
+    return (vols / vols.max(axis=(1, 2, 3)).mean()).astype(np.float32)
 
 
 def load_volume(path: str | Path) -> tuple[np.ndarray, float | None]:
@@ -285,6 +307,9 @@ def random_ctf_params(
     )
 
 
+MAX_VIEW_CC = 0.98  # two classes correlating above this are refused (docs/results.md)
+
+
 def simulate_particles(
     volume: np.ndarray,
     n: int,
@@ -297,19 +322,39 @@ def simulate_particles(
     t_sd_px: float = 2.0,
     seed: int = 0,
     vol_apix: float | None = None,
+    view_volumes: Sequence[int] | None = None,
+    max_view_cc: float | None = MAX_VIEW_CC,
+    check_res_A: float | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Particle images (n, box, box): projection of one of the views (the classes, balanced),
     then T(t) R(theta) with uniform theta and t ~ N(0, t_sd_px^2), then the particle's CTF, then
     Gaussian noise at SNR = signal variance / noise variance (signal over the whole box, averaged
     over the set); finally scaled so the images have unit variance overall.
 
-    views: (K, 3, 3) rotations or (K, 3) ZYZ Euler angles in degrees. vol_apix: the volume's voxel
-    size when it differs from apix (projections are Fourier-resampled). truth: theta, t, label,
-    templates (K, box, box) CTF-free projections, ctf (CtfParams or None), snr, scale.
+    volume: one density (D, D, D) or several (M, D, D, D); view_volumes: the volume of each view
+    (default all 0). views: (K, 3, 3) rotations or (K, 3) ZYZ Euler angles in degrees. vol_apix:
+    the volume's voxel size when it differs from apix (projections are Fourier-resampled).
+    The set is refused (UserError) when two classes correlate above max_view_cc under any in-plane
+    rotation, shift or mirror at check_res_A (`view_correlation`; None: no check).
+    truth: theta, t, label, templates (K, box, box) CTF-free projections, ctf (CtfParams or
+    None), snr, scale, view_cc (K, K) and views (a table of the classes).
     """
     rng = np.random.default_rng(seed)
-    templates = _templates(volume, _as_rotations(views), box, apix, vol_apix)
+    rotations = _as_rotations(views)
+    vols = volume[None] if np.ndim(volume) == 3 else np.asarray(volume)
+    of_view = np.zeros(len(rotations), int) if view_volumes is None else np.asarray(view_volumes)
+    if len(of_view) != len(rotations) or of_view.min() < 0 or of_view.max() >= len(vols):
+        raise UserError(f"view_volumes {of_view.tolist()} do not fit {len(vols)} volumes")
+    templates = np.concatenate(
+        [
+            _templates(vols[v], rotations[k : k + 1], box, apix, vol_apix)
+            for k, v in enumerate(of_view)
+        ]
+    )
     k, box = len(templates), templates.shape[-1]
+    view_cc = view_correlation(templates, apix, check_res_A)
+    if max_view_cc is not None:
+        check_distinct_views(view_cc, max_view_cc, check_res_A or 4 * apix)
     label = rng.permutation(np.arange(n) % k)
     theta = rng.uniform(-math.pi, math.pi, n)
     t = rng.normal(0.0, t_sd_px, (n, 2))
@@ -319,8 +364,89 @@ def simulate_particles(
         signal = _apply_ctf_chunked(signal, params, apix)
     images, scale = _add_noise(signal, snr, rng)
     truth = {"theta": theta, "t": t, "label": label, "templates": templates}
-    truth.update(ctf=params, snr=snr, scale=scale)
+    truth.update(ctf=params, snr=snr, scale=scale, view_cc=view_cc)
+    truth["views"] = views_table(rotations, of_view, templates, view_cc)
     return images, truth
+
+
+def view_correlation(templates: np.ndarray, apix: float, res_A: float | None = None) -> np.ndarray:
+    """(K, K) best correlation of each pair of templates under in-plane rotation (1 deg steps),
+    shift and mirror (metrics.pairwise_view_correlation), after a Gaussian low-pass to res_A
+    (default 4 * apix: the Nyquist of the set downsampled twice, what a 32-px copy of a 64-px set
+    can carry) and a Fourier crop to that resolution's Nyquist."""
+    from .fourier import lowpass
+    from .metrics import pairwise_view_correlation
+
+    if len(templates) < 2:
+        return np.ones((len(templates), len(templates)))
+    res = 4 * apix if res_A is None else res_A
+    d = templates.shape[-1]
+    small = lowpass(np.asarray(templates, np.float32), apix, res)
+    size = min(d, 2 * math.ceil(d * apix / res))  # even, Nyquist 2 * (d * apix / size) ~ res
+    if size < d:
+        small = fourier_resize(small, size)
+    return pairwise_view_correlation(small, n_angles=360)
+
+
+def check_distinct_views(view_cc: np.ndarray, max_cc: float, res_A: float) -> None:
+    """UserError naming the most alike pair of classes when it correlates above max_cc."""
+    cc = np.where(np.eye(len(view_cc), dtype=bool), -np.inf, view_cc)
+    if len(cc) < 2 or cc.max() <= max_cc:
+        return
+    i, j = np.unravel_index(int(cc.argmax()), cc.shape)
+    raise UserError(
+        f"classes {i} and {j} are the same image under an in-plane rotation, shift or mirror "
+        f"(correlation {cc[i, j]:.3f} > {max_cc:g} at {res_A:g} A): choose other --views"
+    )
+
+
+def views_table(
+    rotations: np.ndarray, of_view: np.ndarray, templates: np.ndarray, view_cc: np.ndarray
+) -> pd.DataFrame:
+    """One row per class: its volume, viewing direction (unit vector in the volume's frame),
+    template mass and radius of gyration (px), its most alike class and their correlation, and
+    the correlation with every class (cc_0, cc_1, ...)."""
+    k, d = len(templates), templates.shape[-1]
+    r = np.arange(d) - d // 2
+    r2 = r[None, :] ** 2 + r[:, None] ** 2
+    mass = templates.sum(axis=(1, 2))
+    rg = np.sqrt((templates * r2).sum(axis=(1, 2)) / np.where(mass != 0, mass, 1))
+    direction = np.asarray(rotations)[:, 2, :]  # R maps this direction onto +z (the beam)
+    off = np.where(np.eye(k, dtype=bool), -np.inf, view_cc)
+    table = pd.DataFrame(
+        {
+            "class": np.arange(k),
+            "volume": of_view,
+            "dir_x": direction[:, 0],
+            "dir_y": direction[:, 1],
+            "dir_z": direction[:, 2],
+            "mass": mass,
+            "rg_px": rg,
+            "most_alike": off.argmax(1) if k > 1 else -1,
+            "max_cc": off.max(1) if k > 1 else np.nan,
+        }
+    )
+    for j in range(k):
+        table[f"cc_{j}"] = view_cc[:, j]
+    return table
+
+
+def clean_images(
+    templates: np.ndarray,
+    theta: np.ndarray,
+    t: np.ndarray,
+    label: np.ndarray,
+    box: int | None = None,
+) -> np.ndarray:
+    """The noise-free, CTF-free particles (n, box, box): T(t) R(theta) template[label] at the
+    templates' size, Fourier-cropped to box (as `preprocess --size` crops the real ones)."""
+    theta, t = np.array(theta, np.float64), np.array(t, np.float64)  # writable copies for torch
+    images = _pose(np.asarray(templates, np.float32)[np.asarray(label)], theta, t)
+    if box is not None and box != images.shape[-1]:
+        images = np.concatenate(
+            [fourier_resize(images[i : i + _CHUNK], box) for i in range(0, len(images), _CHUNK)]
+        )
+    return images
 
 
 def _as_rotations(views) -> np.ndarray:
@@ -426,7 +552,8 @@ def write_dataset(
     float16: bool = False,
 ) -> dict[str, Path]:
     """Write `name`.mrcs, a RELION 3.1 `name`.star (defocus columns when ctf_params is given) and
-    truth.csv (plus templates.mrcs when the truth has templates) into out_dir, each atomically.
+    truth.csv (plus templates.mrcs and views.csv when the truth has them) into out_dir, each
+    atomically.
 
     The star holds nothing a real data set would not, so tools see it as real input.
     """
@@ -444,6 +571,10 @@ def write_dataset(
     if truth.get("templates") is not None:
         paths["templates"] = out / "templates.mrcs"
         _write_images(paths["templates"], np.asarray(truth["templates"]), apix, False)
+    if truth.get("views") is not None:
+        paths["views"] = out / "views.csv"
+        with atomic_path(paths["views"]) as tmp:
+            truth["views"].to_csv(tmp, index=False, float_format="%.6g")
     return paths
 
 
@@ -465,6 +596,9 @@ def _write_images(path: Path, images: np.ndarray, apix: float, float16: bool) ->
 KINDS = ("glyphs", "mnist-n", "mnist-u", "particles")
 
 
+HARD = {"volumes": 3, "views": 6, "box": 64, "apix": 2.0}  # `simulate particles --hard`
+
+
 def build_dataset(
     kind: str,
     out_dir: str | Path,
@@ -473,22 +607,36 @@ def build_dataset(
     snr: float | None = None,
     ctf: bool = True,
     volume: str | Path | None = None,
-    views: int = 3,
+    views: int | None = None,
     mnist_dir: str | Path | None = None,
     seed: int = 0,
     apix: float | None = None,
     t_sd_px: float = 2.0,
     float16: bool = False,
+    volumes: int | None = None,
+    defocus_um: tuple[float, float] = (1.0, 2.5),
+    hard: bool = False,
 ) -> dict[str, Path]:
-    """Generate a data set of the given kind with ground truth and write it (see write_dataset)."""
+    """Generate a data set of the given kind with ground truth and write it (see write_dataset).
+
+    hard (particles): the preset HARD (3 look-alike blob volumes, 6 views, 64 px at 2 A) for
+    whatever of volumes, views, box and apix is not given."""
     if kind not in KINDS:
         raise UserError(f"unknown data set {kind!r}; choose from {', '.join(KINDS)}")
     if n is not None and n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
+    if kind != "particles" and (hard or volumes is not None):
+        raise UserError("--hard and --volumes apply to particles only")
     if kind == "particles":
-        images, truth, apix = _build_particles(n, box, snr, ctf, volume, views, seed, apix, t_sd_px)
+        if hard:
+            volumes, views = volumes or HARD["volumes"], views or HARD["views"]
+            box, apix = box or HARD["box"], apix or HARD["apix"]
+        opts = dict(volumes=volumes or 1, defocus_um=defocus_um)
+        images, truth, apix = _build_particles(
+            n, box, snr, ctf, volume, views or 3, seed, apix, t_sd_px, **opts
+        )
     elif kind == "glyphs":
-        images, truth = glyphs(n or 1000, box or 40, seed, n_classes=views, t_sd_px=t_sd_px)
+        images, truth = glyphs(n or 1000, box or 40, seed, n_classes=views or 3, t_sd_px=t_sd_px)
         if snr is not None:
             images, _ = _add_noise(images, snr, np.random.default_rng(seed + 1))
     else:
@@ -504,14 +652,28 @@ def build_dataset(
     return write_dataset(out_dir, images, truth, apix or 1.0, truth.get("ctf"), float16=float16)
 
 
-def _build_particles(n, box, snr, ctf, volume, views, seed, apix, t_sd_px):
-    """Simulated particles from a volume file (or a blob volume): (images, truth, apix)."""
+def _build_particles(n, box, snr, ctf, volume, views, seed, apix, t_sd_px, volumes, defocus_um):
+    """Simulated particles from a volume file (or blob volumes): (images, truth, apix).
+
+    With volumes M > 1 (look-alike blob volumes, `blob_family`), class c is view c of volume
+    c mod M, each class at its own direction of `spread_views(views)`."""
     if views < 1:
         raise UserError(f"--views must be at least 1, got {views}")
-    if volume is None:
-        vol, vol_apix = blob_volume(box or 48, seed), None
-    else:
+    if volumes < 1:
+        raise UserError(f"--volumes must be at least 1, got {volumes}")
+    if volumes > views:
+        raise UserError(f"--volumes {volumes} needs at least as many --views, got {views}")
+    lo, hi = defocus_um
+    if not 0 < lo <= hi:
+        raise UserError(f"--defocus must be 0 < MIN <= MAX (um), got {lo:g} {hi:g}")
+    if volume is not None and volumes > 1:
+        raise UserError("--volumes makes look-alike blob volumes: give it without --volume")
+    if volume is not None:
         vol, vol_apix = load_volume(volume)
+    elif volumes > 1:
+        vol, vol_apix = blob_family(volumes, box or 48, seed), None
+    else:
+        vol, vol_apix = blob_volume(box or 48, seed), None
     apix = apix or vol_apix or 4.0
     images, truth = simulate_particles(
         vol,
@@ -520,9 +682,11 @@ def _build_particles(n, box, snr, ctf, volume, views, seed, apix, t_sd_px):
         box=box,
         apix=apix,
         snr=0.1 if snr is None else snr,
+        defocus_range_um=(lo, hi),
         ctf=ctf,
         t_sd_px=t_sd_px,
         seed=seed,
         vol_apix=vol_apix,
+        view_volumes=np.arange(views) % volumes,
     )
     return images, truth, apix

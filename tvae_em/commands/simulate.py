@@ -1,6 +1,7 @@
 """`tvae-em simulate`: a data set with known poses and classes, to check tvae-em on it.
 
 tvae-em simulate particles -o sim/ --n 2000 --box 64 --snr 0.1 --volume map.mrc
+tvae-em simulate particles -o hard/ --hard --n 3000 --snr 0.05
 tvae-em simulate glyphs -o glyphs/ --n 500 --views 3
 tvae-em simulate mnist-u -o mnist_u/ --mnist-dir data/mnist
 """
@@ -42,9 +43,28 @@ from .options import out_option, seed_option
 @click.option(
     "--views",
     type=int,
-    default=3,
+    default=None,
+    help="Number of classes: projection directions (particles) or glyph shapes (1-5) [3].",
+)
+@click.option(
+    "--volumes",
+    type=int,
+    default=None,
+    help="Particles: this many look-alike blob volumes; class c is a view of volume c mod M [1].",
+)
+@click.option(
+    "--hard",
+    is_flag=True,
+    help="Particles: the hard preset, 3 look-alike volumes x 2 views, 64 px at 2 A "
+    "(for what --volumes/--views/--box/--apix leave unset).",
+)
+@click.option(
+    "--defocus",
+    type=(float, float),
+    default=(1.0, 2.5),
     show_default=True,
-    help="Number of classes: projection directions (particles) or glyph shapes (1-5).",
+    metavar="MIN MAX",
+    help="Particles: defocus range in um (uniform; plus up to 500 A astigmatism).",
 )
 @click.option(
     "--apix",
@@ -67,7 +87,22 @@ from .options import out_option, seed_option
 @click.option("--float16", is_flag=True, help="Write the stack as float16 (half the size).")
 @seed_option("Random seed.")
 def simulate(
-    kind, out_dir, n, box, snr, no_ctf, volume, views, apix, shift_sd, mnist_dir, float16, seed
+    kind,
+    out_dir,
+    n,
+    box,
+    snr,
+    no_ctf,
+    volume,
+    views,
+    volumes,
+    hard,
+    defocus,
+    apix,
+    shift_sd,
+    mnist_dir,
+    float16,
+    seed,
 ) -> None:
     """Make a data set with known poses and classes, to check tvae-em on it.
 
@@ -75,11 +110,15 @@ def simulate(
     KIND: glyphs (letters F, L, P, ...), mnist-n / mnist-u (the paper's rotated digits:
     normal sd pi/4 or uniform angles, 50x50), particles (projections of a 3D density at
     --views directions, uniform in-plane rotation, CTF, noise at --snr).
-    The truth (angle, shift, class, and the RELION psi/origins that undo them) is in truth.csv.
+    The truth (angle, shift, class, and the RELION psi/origins that undo them) is in truth.csv;
+    particles also write templates.mrcs and views.csv (each class's best correlation with every
+    other under in-plane rotation, shift and mirror). A set where two classes correlate above
+    0.98 is refused: they would be one view.
 
     \b
     Example:
       tvae-em simulate particles -o sim/ --n 2000 --box 64 --snr 0.1 --volume map.mrc
+      tvae-em simulate particles -o hard/ --hard --n 3000 --snr 0.05
       tvae-em simulate mnist-u -o mnist_u/ --mnist-dir data/mnist
     """
     from ..synthetic import build_dataset
@@ -93,6 +132,9 @@ def simulate(
         ctf=not no_ctf,
         volume=volume,
         views=views,
+        volumes=volumes,
+        defocus_um=defocus,
+        hard=hard,
         mnist_dir=mnist_dir,
         seed=seed,
         apix=apix,
