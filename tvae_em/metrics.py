@@ -387,3 +387,23 @@ def pose_scores(
         frame_offset_px_class=np.linalg.norm(offsets, axis=1).tolist(),
     )
     return out
+
+
+def latent_parameter_correlation(z: np.ndarray, param: np.ndarray) -> dict[str, object]:
+    """How well a latent z (n, Z) carries a hidden continuous parameter (n,): the Spearman rank
+    correlation of each coordinate with it (best |rho| and its coordinate, 1-based) and of the
+    first principal component of z (the sign of a correlation is arbitrary, so |rho| counts)."""
+    from scipy.stats import spearmanr
+
+    z = np.asarray(z, dtype=np.float64).reshape(len(z), -1)
+    rho = np.array([spearmanr(z[:, j], param)[0] for j in range(z.shape[1])])
+    rho = np.nan_to_num(rho)
+    best = int(np.argmax(np.abs(rho)))
+    centred = z - z.mean(0)
+    pc1 = centred @ np.linalg.svd(centred, full_matrices=False)[2][0]
+    return {
+        "rho_best": float(abs(rho[best])),
+        "rho_best_dim": best + 1,
+        "rho_pc1": float(abs(np.nan_to_num(spearmanr(pc1, param)[0]))),
+        "rho_dims": np.abs(rho).tolist(),
+    }

@@ -220,12 +220,13 @@ def select_particles(opts: SelectOptions) -> SelectSummary:
     )
     if cs is not None:
         _check_output("--cs", cs, ".cs", taken)
-        check_cs_source(target)
     keep = keep_mask(particles, crit, str(input))
     kept = np.flatnonzero(keep)
     if len(kept) == 0:
         raise UserError(f"no particle of {input} passes the selection: nothing written")
     emb = _embedding(opts.npz, input, particles) if cs is not None else None
+    if cs is not None:
+        check_cs_source(target)
 
     new = particles[_embed_columns(particles)].iloc[kept].reset_index(drop=True)
     particles_out, optics, text = particle_star_tables(target, new, target_rows[kept])

@@ -499,11 +499,78 @@ def _add_noise(
 # Writing a data set: stack + RELION 3.1 star + truth.csv
 
 
+# ---- continuous heterogeneity: a two-domain particle with a hinge ---------------------------
+HINGE_AXIS_TILT_DEG = 20.0  # the hinge axis leans this far from the beam: mostly an in-plane swing
+
+
+def hinge_points(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A two-domain object as 3D Gaussian points in box units (x, y, z in [-0.5, 0.5]): the fixed
+    domain (Pa, 3) on the left and the moving one (Pb, 3) on the right of the hinge at the origin.
+    Weights are equal; the domains differ in size so the object has no symmetry."""
+    rng = np.random.default_rng(seed + 7919)
+    fixed = np.array([-0.14, 0.02, 0.0]) + rng.normal(0.0, 0.055, (14, 3))
+    moving = np.array([0.15, -0.02, 0.0]) + rng.normal(0.0, 0.04, (8, 3)) * [1.4, 0.8, 0.8]
+    return fixed, moving
+
+
+def hinge_templates(angles_deg: np.ndarray, box: int, seed: int = 0) -> np.ndarray:
+    """CTF-free projections (n, box, box) of the hinge object with its moving domain turned by
+    angles_deg (n,) about the hinge axis (through the origin, leaning HINGE_AXIS_TILT_DEG from
+    the beam), each point a Gaussian of sd box/28 px: exact projections of a sum of 3D Gaussians."""
+    fixed, moving = hinge_points(seed)
+    tilt = math.radians(HINGE_AXIS_TILT_DEG)
+    axis = np.array([0.0, math.sin(tilt), math.cos(tilt)])
+    sd = box / 28.0
+    grid = np.arange(box) - box // 2  # pixel coordinates (x = column, y = row)
+    out = np.zeros((len(angles_deg), box, box), np.float32)
+    for i, a in enumerate(np.radians(np.asarray(angles_deg, dtype=np.float64))):
+        k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+        rot = np.eye(3) + math.sin(a) * k + (1 - math.cos(a)) * (k @ k)  # Rodrigues
+        pts = np.concatenate([fixed, moving @ rot.T]) * box  # (P, 3) pixels
+        gx = np.exp(-((grid[None, :] - pts[:, :1]) ** 2) / (2 * sd**2))  # (P, box) over x
+        gy = np.exp(-((grid[None, :] - pts[:, 1:2]) ** 2) / (2 * sd**2))  # (P, box) over y
+        out[i] = np.einsum("py,px->yx", gy, gx)
+    return out
+
+
+def simulate_hinge(
+    n: int,
+    box: int = 64,
+    apix: float = 2.0,
+    snr: float = 0.1,
+    max_angle_deg: float = 60.0,
+    defocus_range_um: tuple[float, float] = (1.0, 2.5),
+    ctf: bool = True,
+    t_sd_px: float = 2.0,
+    seed: int = 0,
+) -> tuple[np.ndarray, dict]:
+    """Particles of one flexible object: the moving domain turned by a per-particle hinge angle
+    ~ U(0, max_angle_deg), then T(t) R(theta) (uniform theta), CTF and noise as
+    `simulate_particles`. truth: theta, t, label (all 0), hinge_deg, templates (the object at
+    the ends and middle of the motion), ctf, snr, scale."""
+    if not 0 < max_angle_deg <= 180:
+        raise UserError(f"--hinge {max_angle_deg:g}: the largest hinge angle must be in (0, 180]")
+    rng = np.random.default_rng(seed)
+    hinge = rng.uniform(0.0, max_angle_deg, n)
+    theta = rng.uniform(-math.pi, math.pi, n)
+    t = rng.normal(0.0, t_sd_px, (n, 2))
+    signal = _pose(hinge_templates(hinge, box, seed), theta, t)
+    params = random_ctf_params(n, rng, defocus_range_um) if ctf else None
+    if params is not None:
+        signal = _apply_ctf_chunked(signal, params, apix)
+    images, scale = _add_noise(signal, snr, rng)
+    ends = hinge_templates(np.array([0.0, max_angle_deg / 2, max_angle_deg]), box, seed)
+    truth = {"theta": theta, "t": t, "label": np.zeros(n, np.int64), "hinge_deg": hinge}
+    truth.update(templates=ends, ctf=params, snr=snr, scale=scale)
+    return images, truth
+
+
 def truth_table(truth: dict, apix: float) -> pd.DataFrame:
     """The truth as a table: our pose (theta_rad, tx_px, ty_px), class, and the RELION alignment
     that undoes it (psi_deg = -theta, originX/Y_A = -t * apix; docs/architecture.md)."""
     theta, t = np.asarray(truth["theta"]), np.asarray(truth["t"])
     psi, origin = relion_pose(theta, t, apix)
+    extra = {"hinge_deg": np.asarray(truth["hinge_deg"])} if "hinge_deg" in truth else {}
     return pd.DataFrame(
         {
             "index": np.arange(len(theta)),
@@ -514,6 +581,7 @@ def truth_table(truth: dict, apix: float) -> pd.DataFrame:
             "psi_deg": psi,
             "originX_A": origin[:, 0],
             "originY_A": origin[:, 1],
+            **extra,
         }
     )
 
@@ -593,7 +661,7 @@ def _write_images(path: Path, images: np.ndarray, apix: float, float16: bool) ->
 # ---------------------------------------------------------------------------------------------
 # One call per data set kind (the `tvae-em simulate` command)
 
-KINDS = ("glyphs", "mnist-n", "mnist-u", "particles")
+KINDS = ("glyphs", "hinge", "mnist-n", "mnist-u", "particles")
 
 
 HARD = {"volumes": 3, "views": 6, "box": 64, "apix": 2.0}  # `simulate particles --hard`
@@ -616,6 +684,7 @@ def build_dataset(
     volumes: int | None = None,
     defocus_um: tuple[float, float] = (1.0, 2.5),
     hard: bool = False,
+    hinge_max_deg: float = 60.0,
 ) -> dict[str, Path]:
     """Generate a data set of the given kind with ground truth and write it (see write_dataset).
 
@@ -635,6 +704,13 @@ def build_dataset(
         images, truth, apix = _build_particles(
             n, box, snr, ctf, volume, views or 3, seed, apix, t_sd_px, **opts
         )
+    elif kind == "hinge":
+        apix = apix or 2.0
+        lo, hi = defocus_um
+        images, truth = simulate_hinge(
+            n or 1000, box or 64, apix, 0.1 if snr is None else snr, hinge_max_deg, (lo, hi),
+            ctf, t_sd_px, seed,
+        )  # fmt: skip
     elif kind == "glyphs":
         images, truth = glyphs(n or 1000, box or 40, seed, n_classes=views or 3, t_sd_px=t_sd_px)
         if snr is not None:

@@ -14,7 +14,7 @@ from .options import out_option, seed_option
 
 
 @click.command()
-@click.argument("kind", type=click.Choice(["glyphs", "mnist-n", "mnist-u", "particles"]))
+@click.argument("kind", type=click.Choice(["glyphs", "hinge", "mnist-n", "mnist-u", "particles"]))
 @out_option("Output folder (created): particles.star, particles.mrcs, truth.csv.")
 @click.option(
     "--n",
@@ -84,6 +84,13 @@ from .options import out_option, seed_option
     type=click.Path(file_okay=False),
     help="MNIST: folder with t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz.",
 )
+@click.option(
+    "--hinge-max",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Hinge: the largest angle (degrees) the moving domain turns by (uniform from 0).",
+)
 @click.option("--float16", is_flag=True, help="Write the stack as float16 (half the size).")
 @seed_option("Random seed.")
 def simulate(
@@ -101,6 +108,7 @@ def simulate(
     apix,
     shift_sd,
     mnist_dir,
+    hinge_max,
     float16,
     seed,
 ) -> None:
@@ -109,7 +117,9 @@ def simulate(
     \b
     KIND: glyphs (letters F, L, P, ...), mnist-n / mnist-u (the paper's rotated digits:
     normal sd pi/4 or uniform angles, 50x50), particles (projections of a 3D density at
-    --views directions, uniform in-plane rotation, CTF, noise at --snr).
+    --views directions, uniform in-plane rotation, CTF, noise at --snr), hinge (one flexible
+    two-domain object whose second domain turns about a hinge by a per-particle angle from 0
+    to --hinge-max degrees, written to truth.csv as hinge_deg; CTF and noise as particles).
     The truth (angle, shift, class, and the RELION psi/origins that undo them) is in truth.csv;
     particles also write templates.mrcs and views.csv (each class's best correlation with every
     other under in-plane rotation, shift and mirror). A set where two classes correlate above
@@ -119,6 +129,7 @@ def simulate(
     Example:
       tvae-em simulate particles -o sim/ --n 2000 --box 64 --snr 0.1 --volume map.mrc
       tvae-em simulate particles -o hard/ --hard --n 3000 --snr 0.05
+      tvae-em simulate hinge -o hinge/ --n 3000 --snr 0.1
       tvae-em simulate mnist-u -o mnist_u/ --mnist-dir data/mnist
     """
     from ..synthetic import build_dataset
@@ -136,6 +147,7 @@ def simulate(
         defocus_um=defocus,
         hard=hard,
         mnist_dir=mnist_dir,
+        hinge_max_deg=hinge_max,
         seed=seed,
         apix=apix,
         t_sd_px=shift_sd,
