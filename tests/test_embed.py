@@ -88,12 +88,12 @@ def data(tmp_path_factory):
     star = _two_group_star(root / "in", images)
     run = make_run_folder(root / "run", BOX, norm=(0.2, 0.4))
     out = root / "out"
-    calls = []
+    calls = {}
 
     @contextlib.contextmanager
     def record(total, description):
-        calls.append(total)
-        yield calls.append
+        calls[description] = [total]
+        yield calls[description].append
 
     embed_particles(
         EmbedOptions(
@@ -189,17 +189,21 @@ def test_cs_from_a_star_input(data):
 
 
 def test_progress_gets_total_then_counts(data):
-    calls = data["calls"]
-    assert calls[0] == N and sum(calls[1:]) == N and max(calls[1:]) == 8
+    assert set(data["calls"]) == {"embed", "classify"}  # --classes: the template pass too
+    for calls in data["calls"].values():
+        assert calls[0] == N and sum(calls[1:]) == N and max(calls[1:]) == 8
 
 
 def test_results_do_not_depend_on_batching(data, tmp_path):
     embed_particles(EmbedOptions(data["run"], data["star"], tmp_path / "a.star", batch_size=N))
     embed_particles(EmbedOptions(data["run"], data["star"], tmp_path / "b.star", batch_size=N))
-    a, b = np.load(tmp_path / "a.npz"), np.load(data["out"] / "e.npz")
-    for key in ("z_mu", "z_sd", "t_px", "confidence"):
+    embed_particles(EmbedOptions(data["run"], data["star"], tmp_path / "c.star", batch_size=3))
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "c.npz")
+    for key in ("z_mu", "z_sd", "confidence"):
         np.testing.assert_allclose(a[key], b[key], atol=1e-5, err_msg=key)
-    np.testing.assert_allclose(np.cos(a["theta_rad"] - b["theta_rad"]), 1.0, atol=1e-8)
+    # refined poses: float32 sums in another order, through sub-step interpolation
+    np.testing.assert_allclose(a["t_px"], b["t_px"], atol=1e-3)
+    np.testing.assert_allclose(np.cos(a["theta_rad"] - b["theta_rad"]), 1.0, atol=1e-6)
     assert (tmp_path / "a.star").read_bytes() == (tmp_path / "b.star").read_bytes()  # seeded ELBO
 
 

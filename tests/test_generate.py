@@ -46,7 +46,7 @@ def embedded(tmp_path_factory):
     images, _ = glyphs(N, box=BOX, seed=5, n_classes=2, t_sd_px=1.0)
     star = write_particle_set(root / "d", images, 2.0)
     run = make_run_folder(root / "run", BOX)
-    embed_particles(EmbedOptions(run, star, root / "e.star", classes=2))
+    embed_particles(EmbedOptions(run, star, root / "e.star", classes=2, classify="kmeans"))
     return {"root": root, "star": star, "run": run, "npz": root / "e.npz"}
 
 
@@ -254,7 +254,7 @@ def embedded3(tmp_path_factory):
     images, _ = glyphs(30, box=BOX, seed=7, n_classes=3, t_sd_px=1.0)
     star = write_particle_set(root / "d", images, 2.0)
     run = make_run_folder(root / "run", BOX)
-    embed_particles(EmbedOptions(run, star, root / "e.star", classes=3))
+    embed_particles(EmbedOptions(run, star, root / "e.star", classes=3, classify="kmeans"))
     return {"star": star, "run": run, "npz": root / "e.npz", "out": root / "e.star"}
 
 

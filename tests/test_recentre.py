@@ -128,6 +128,7 @@ def _embed(particles, name: str, recentre: str) -> Path:
                 recentre=recentre,
                 with_elbo=False,
                 refine=False,
+                classify="kmeans",
             )
         )
     finally:

@@ -229,7 +229,13 @@ def test_stack_create_applies_embed_poses_as_sharply_as_the_true_poses(project):
         mp.setattr(TargetVAE, "export_for_inference", export)
         embed_particles(  # the oracle's poses are about the template's own origin
             EmbedOptions(
-                run, "sub/particles.star", "tvae/e.star", classes=2, recentre="none", refine=False
+                run,
+                "sub/particles.star",
+                "tvae/e.star",
+                classes=2,
+                recentre="none",
+                refine=False,
+                classify="kmeans",
             )
         )
     embedded, classes = _class_averages("tvae/e.star", "embedded")

@@ -61,10 +61,10 @@ def world(tmp_path_factory):
     full = write_particle_set(root / "full", images, 1.0, extra=extra)
     run = make_run_folder(root / "run", BOX)
     prep = preprocess_stack(ParticleStack.open(full), root / "prep", size=BOX).star
-    embed_particles(EmbedOptions(run, prep, root / "e.star", classes=3))
+    embed_particles(EmbedOptions(run, prep, root / "e.star", classes=3, classify="kmeans"))
     cs = _toy_cs(root, N)
     prep_cs = preprocess_stack(ParticleStack.open(cs), root / "prepcs", size=BOX).star
-    embed_particles(EmbedOptions(run, prep_cs, root / "ecs.star", classes=2))
+    embed_particles(EmbedOptions(run, prep_cs, root / "ecs.star", classes=2, classify="kmeans"))
     return {"root": root, "full": full, "prep": prep, "cs": cs, "e": root / "e.star"}
 
 

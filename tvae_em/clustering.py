@@ -67,7 +67,12 @@ def _lloyd(x: np.ndarray, centres: np.ndarray, max_iter: int) -> tuple[np.ndarra
 
 def assign_classes(z: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     """1-based k-means classes (n,) in z space, numbered by decreasing size (class 1 largest)."""
-    labels = kmeans(z, k, n_init=10, seed=seed)  # (n,) 0-based
+    return number_by_size(kmeans(z, k, n_init=10, seed=seed), k)
+
+
+def number_by_size(labels: np.ndarray, k: int) -> np.ndarray:
+    """0-based classes (n,) renumbered 1..k by decreasing size (class 1 largest; ties by label)."""
+    labels = np.asarray(labels, dtype=np.int64)
     sizes = np.bincount(labels, minlength=k)
     order = np.argsort(-sizes, kind="stable")  # old label of new class 1, 2, ...
     new_of_old = np.empty(k, np.int64)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .class2d import class2d_result, plan_class2d, written_class2d
-from .clustering import assign_classes
+from .clustering import assign_classes, number_by_size
 from .ctf import batch_ctf
 from .data import BatchDataset, check_num_workers, epoch_batches, make_loader
 from .errors import UserError
@@ -27,7 +27,12 @@ from .export import (
     plan_outputs,
     write_outputs,
 )
-from .inference import class_mean_centres, object_centres, run_inference
+from .inference import (
+    class_mean_centres,
+    classify_with_templates,
+    object_centres,
+    run_inference,
+)
 from .io import OpticsDefaults, ParticleStack
 from .model.refine import RefineConfig
 from .progress import ProgressFactory, no_progress
@@ -58,12 +63,14 @@ class EmbedOptions:
     seed: int = 0
     recentre: str = "class"
     refine: bool = True
+    classify: str = "templates"
     voltage: float = OpticsDefaults.voltage
     spherical_aberration: float = OpticsDefaults.spherical_aberration
     amplitude_contrast: float = OpticsDefaults.amplitude_contrast
 
 
 RECENTRE_MODES = ("class", "particle", "none")
+CLASSIFY_MODES = ("templates", "kmeans")
 
 
 @dataclass
@@ -107,6 +114,8 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
         )
     if opts.recentre not in RECENTRE_MODES:
         raise UserError(f"--recentre {opts.recentre}: must be one of {', '.join(RECENTRE_MODES)}")
+    if opts.classify not in CLASSIFY_MODES:
+        raise UserError(f"--classify {opts.classify}: must be one of {', '.join(CLASSIFY_MODES)}")
     if opts.batch_size < 1:
         raise UserError(f"--batch-size {opts.batch_size}: must be at least 1")
     orig, rows = (
@@ -130,14 +139,16 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
     use_ctf = (opts.with_elbo or opts.refine) and trained.uses_ctf(stack)
     ctf_for = _ctf_function(stack, input, dev) if use_ctf else None
     refine = RefineConfig() if opts.refine else None
+    by_templates = bool(opts.classes) and opts.classify == "templates"
 
     model = trained.model.export_for_inference().to(dev)
     batches = epoch_batches(n, opts.batch_size, 0, 0, shuffle=False)
     loader = make_loader(BatchDataset(stack, trained.normalisation), batches, opts.num_workers)
     with progress(n, "embed") as advance:
         t0 = time.perf_counter()
+        per_particle = None if by_templates else refine  # templates: the poses come from there
         emb = run_inference(
-            model, loader, n, dev, opts.with_elbo, ctf_for, advance, opts.seed, refine
+            model, loader, n, dev, opts.with_elbo, ctf_for, advance, opts.seed, per_particle
         )
         seconds = time.perf_counter() - t0
     emb.check_finite(input, f"the model of {run_dir} gives NaN for it (a diverged checkpoint?)")
@@ -145,7 +156,21 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
     emb.apix, emb.box = apix, stack.box
     if opts.classes:
         emb.labels = assign_classes(emb.z_mu, opts.classes, opts.seed)
-    emb.centre = _centres(model, emb, opts.recentre, dev)
+    if by_templates:
+        with progress(n, "classify") as advance:
+            t0 = time.perf_counter()
+            z_classes = class_latents(emb.z_mu, emb.labels, opts.classes)
+            found = classify_with_templates(
+                model, loader, n, z_classes, dev, ctf_for, RefineConfig(), advance
+            )
+            seconds += time.perf_counter() - t0
+        emb.theta, emb.t = found.theta, found.t
+        emb.class_probability = np.exp(found.log_post[np.arange(n), found.labels])
+        emb.labels = number_by_size(found.labels, opts.classes)
+        centres = object_centres(model, z_classes, dev)  # (K, 2) of each class's template
+        emb.centre = None if opts.recentre == "none" else centres[found.labels]
+    else:
+        emb.centre = _centres(model, emb, opts.recentre, dev)
     new = embedding_columns(emb)
     tables: dict[str, object] = {
         "star": particle_star_tables(stack, new),
@@ -166,6 +191,12 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
         write_outputs(plan, tables)
     outputs = plan.paths() + (c2d.paths() if c2d else [])
     return EmbedSummary(n, seconds, str(dev), outputs=outputs, classes=opts.classes)
+
+
+def class_latents(z: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """(K, Z) mean latent of each 1-based class (the mean of all z for an empty class)."""
+    return np.stack([z[labels == c].mean(0) if (labels == c).any() else z.mean(0)
+                     for c in range(1, k + 1)])  # fmt: skip
 
 
 def _centres(model, emb, mode: str, device) -> np.ndarray | None:

@@ -38,6 +38,7 @@ class Embedding:
     apix: np.ndarray | None = None  # (n,) pixel size (A) of the stack the model read
     box: int | None = None  # image side of that stack
     centre: np.ndarray | None = None  # (n, 2) px: object centre in the template frame (None: 0)
+    class_probability: np.ndarray | None = None  # (n,) posterior of the class (templates)
 
     @classmethod
     def empty(cls, n: int, z_dim: int) -> Embedding:
@@ -195,6 +196,58 @@ def class_mean_centres(centres: np.ndarray, labels: np.ndarray) -> np.ndarray:
         members = labels == k
         out[members] = centres[members].mean(0)
     return out
+
+
+@dataclass
+class TemplateClasses:
+    """Each particle aligned to every class template: best class (0-based), its pose, and the
+    log posterior of the classes (uniform prior) from the aligned log-likelihoods."""
+
+    labels: np.ndarray  # (n,) 0-based
+    theta: np.ndarray  # (n,) rad, pose against the winning class's template
+    t: np.ndarray  # (n, 2) px
+    log_post: np.ndarray  # (n, K)
+
+
+def classify_with_templates(
+    model: torch.nn.Module,
+    loader,
+    n: int,
+    z_classes: np.ndarray,
+    device: torch.device,
+    ctf_for: Callable[[np.ndarray], torch.Tensor | None] | None = None,
+    config: RefineConfig | None = None,
+    advance: Advance | None = None,
+) -> TemplateClasses:
+    """Assign each particle to the class whose template (the model's noise-free image of the
+    class latent z_classes (K, Z)) it fits best after a pose search (`refine_poses`: every angle
+    and shift, with its CTF): the E-step of a 2D classification, on the model's templates."""
+    k = len(z_classes)
+    config = config or RefineConfig()
+    scores = np.zeros((n, k))
+    poses = np.zeros((n, k, 3))
+    zc = torch.as_tensor(z_classes, dtype=torch.float32, device=device)
+    with torch.inference_mode():
+        for idx, y in loader:
+            i = idx.numpy()
+            y = y.to(device).float()
+            ctf = ctf_for(i) if ctf_for is not None else None
+            start = torch.zeros(len(i), device=device)
+            for c in range(k):
+                theta, t, value = refine_poses(
+                    model.render, y, zc[c].expand(len(i), -1), start, ctf, model.cfg.t_sd_px,
+                    _sigma(model), config,
+                )  # fmt: skip
+                scores[i, c] = value.double().cpu().numpy()
+                poses[i, c, 0] = theta.double().cpu().numpy()
+                poses[i, c, 1:] = t.double().cpu().numpy()
+            if advance is not None:
+                advance(len(i))
+    labels = scores.argmax(1)
+    log_post = scores - scores.max(1, keepdims=True)
+    log_post -= np.log(np.exp(log_post).sum(1, keepdims=True))
+    best = poses[np.arange(n), labels]
+    return TemplateClasses(labels, best[:, 0], best[:, 1:], log_post)
 
 
 def run_inference(

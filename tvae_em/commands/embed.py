@@ -71,6 +71,15 @@ from .options import (
     "without --classes), each particle's object, or the model's template origin.",
 )
 @click.option(
+    "--classify",
+    type=click.Choice(["templates", "kmeans"]),
+    default="templates",
+    show_default=True,
+    help="With --classes: k-means on z, then each particle to the class whose template (the "
+    "model's image of the class's mean z) it fits best after a search of every angle and shift "
+    "(templates), or the k-means classes and per-particle poses as they are (kmeans).",
+)
+@click.option(
     "--refine/--no-refine",
     default=True,
     show_default=True,
