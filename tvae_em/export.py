@@ -110,20 +110,25 @@ def plan_outputs(
     named.append(("--original-out", plan.original_star, ".star"))
     seen = {os.path.abspath(p) for p in inputs if p is not None}
     for option, path, suffix in named:
-        if path is None:
-            continue
-        if path.suffix.lower() != suffix:
-            raise UserError(f"{option} {path}: the file name must end in {suffix}")
-        if os.path.abspath(path) in seen:
-            raise UserError(f"{option} {path}: would overwrite an input or another output")
-        if path.is_dir():
-            raise UserError(f"{option} {path}: is a folder, expected a file name")
-        seen.add(os.path.abspath(path))
-        try:
-            check_writable_dir(path.parent if str(path.parent) else Path("."))
-        except UserError as e:
-            raise UserError(f"{option} {path}: {e}") from None
+        if path is not None:
+            check_output_path(option, path, suffix, seen)
     return plan
+
+
+def check_output_path(option: str, path: Path, suffix: str, taken: set[str]) -> None:
+    """UserError unless `path` ends in `suffix`, is none of the absolute paths `taken` (inputs,
+    other outputs; it is added) and its folder can be written: the check of every output file."""
+    if path.suffix.lower() != suffix:
+        raise UserError(f"{option} {path}: the file name must end in {suffix}")
+    if os.path.abspath(path) in taken:
+        raise UserError(f"{option} {path}: would overwrite an input or another output")
+    if path.is_dir():
+        raise UserError(f"{option} {path}: is a folder, expected a file name")
+    taken.add(os.path.abspath(path))
+    try:
+        check_writable_dir(path.parent if str(path.parent) else Path("."))
+    except UserError as e:
+        raise UserError(f"{option} {path}: {e}") from None
 
 
 def open_original(path: str, datadir, stack, optics=None) -> tuple[object, np.ndarray]:

@@ -24,6 +24,7 @@ from .export import (
     POSE_COLUMNS,
     Z_PREFIX,
     check_cs_source,
+    check_output_path,
     cs_table,
     open_original,
     particle_star_tables,
@@ -32,7 +33,6 @@ from .inference import Embedding
 from .io import (
     ParticleStack,
     atomic_paths,
-    check_writable_dir,
     ensure_writable_dir,
     write_cs,
     write_star,
@@ -176,21 +176,6 @@ def _column(particles: pd.DataFrame, column: str, name: str, option: str, fix: s
     return pd.to_numeric(particles[column], errors="coerce").to_numpy(np.float64)
 
 
-def _check_output(option: str, path: Path, suffix: str, taken: set[str]) -> None:
-    """UserError unless path ends in suffix, clashes with nothing and its folder can be written."""
-    if path.suffix.lower() != suffix:
-        raise UserError(f"{option} {path}: the file name must end in {suffix}")
-    if os.path.abspath(path) in taken:
-        raise UserError(f"{option} {path}: would overwrite an input or another output")
-    if path.is_dir():
-        raise UserError(f"{option} {path}: is a folder, expected a file name")
-    taken.add(os.path.abspath(path))
-    try:
-        check_writable_dir(path.parent if str(path.parent) else Path("."))
-    except UserError as e:
-        raise UserError(f"{option} {path}: {e}") from None
-
-
 # ---------------------------------------------------------------- the command
 
 
@@ -210,7 +195,7 @@ def select_particles(opts: SelectOptions) -> SelectSummary:
         raise UserError(f"{input}: no {missing[0]} column (not written by tvae-em embed)")
     out = Path(opts.out_star)
     taken = {os.path.abspath(p) for p in (input, opts.original, opts.npz) if p is not None}
-    _check_output("-o", out, ".star", taken)
+    check_output_path("-o", out, ".star", taken)
     orig, rows = (
         open_original(str(opts.original), opts.datadir, stack) if opts.original else (None, None)
     )
@@ -219,7 +204,7 @@ def select_particles(opts: SelectOptions) -> SelectSummary:
         Path(opts.cs_out) if opts.cs_out else (out.with_suffix(".cs") if target.writes_cs else None)
     )
     if cs is not None:
-        _check_output("--cs", cs, ".cs", taken)
+        check_output_path("--cs", cs, ".cs", taken)
     keep = keep_mask(particles, crit, str(input))
     kept = np.flatnonzero(keep)
     if len(kept) == 0:
