@@ -189,7 +189,8 @@ def test_cs_from_a_star_input(data):
 
 
 def test_progress_gets_total_then_counts(data):
-    assert set(data["calls"]) == {"embed", "classify"}  # --classes: the template pass too
+    # --classes: the template pass and two rounds against the class averages too
+    assert set(data["calls"]) == {"embed", "classify", "classify, round 2", "classify, round 3"}
     for calls in data["calls"].values():
         assert calls[0] == N and sum(calls[1:]) == N and max(calls[1:]) == 8
 

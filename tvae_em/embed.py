@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from .class2d import class2d_result, plan_class2d, written_class2d
+from .class2d import class2d_result, class_averages, plan_class2d, written_class2d
 from .clustering import assign_classes, number_by_size
 from .ctf import batch_ctf
 from .data import BatchDataset, check_num_workers, epoch_batches, make_loader
@@ -27,6 +28,8 @@ from .export import (
     plan_outputs,
     write_outputs,
 )
+from .fourier import fourier_pad
+from .geometry import object_centroid
 from .inference import (
     class_mean_centres,
     classify_with_templates,
@@ -64,6 +67,7 @@ class EmbedOptions:
     recentre: str = "class"
     refine: bool = True
     classify: str = "templates"
+    class_rounds: int = 2
     voltage: float = OpticsDefaults.voltage
     spherical_aberration: float = OpticsDefaults.spherical_aberration
     amplitude_contrast: float = OpticsDefaults.amplitude_contrast
@@ -116,6 +120,8 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
         raise UserError(f"--recentre {opts.recentre}: must be one of {', '.join(RECENTRE_MODES)}")
     if opts.classify not in CLASSIFY_MODES:
         raise UserError(f"--classify {opts.classify}: must be one of {', '.join(CLASSIFY_MODES)}")
+    if opts.class_rounds < 0:
+        raise UserError(f"--class-rounds {opts.class_rounds}: must be 0 or more")
     if opts.batch_size < 1:
         raise UserError(f"--batch-size {opts.batch_size}: must be at least 1")
     orig, rows = (
@@ -164,10 +170,23 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
                 model, loader, n, z_classes, dev, ctf_for, RefineConfig(), advance
             )
             seconds += time.perf_counter() - t0
+        centres = object_centres(model, z_classes, dev)  # (K, 2) of each class's template
+        for r in range(opts.class_rounds):  # M-step: the aligned class averages as templates
+            averages, _ = class_averages(
+                stack, trained.normalisation, found.theta, found.t, found.labels,
+                opts.classes, flip_for=ctf_for,
+            )  # fmt: skip
+            with progress(n, f"classify, round {r + 2}") as advance:
+                t0 = time.perf_counter()
+                fine = fourier_pad(averages, 2 * stack.box)  # (K, 2D, 2D)
+                found = classify_with_templates(
+                    model, loader, n, None, dev, ctf_for, RefineConfig(), advance, images=fine
+                )
+                seconds += time.perf_counter() - t0
+            centres = object_centroid(torch.from_numpy(averages)).double().numpy()
         emb.theta, emb.t = found.theta, found.t
         emb.class_probability = np.exp(found.log_post[np.arange(n), found.labels])
         emb.labels = number_by_size(found.labels, opts.classes)
-        centres = object_centres(model, z_classes, dev)  # (K, 2) of each class's template
         emb.centre = None if opts.recentre == "none" else centres[found.labels]
     else:
         emb.centre = _centres(model, emb, opts.recentre, dev)

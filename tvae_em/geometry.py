@@ -81,6 +81,19 @@ def align_images(img: torch.Tensor, theta: torch.Tensor, t: torch.Tensor) -> tor
     return out[:, 0]
 
 
+def object_centroid(img: torch.Tensor) -> torch.Tensor:
+    """(B, 2) centroid (x, y) in pixels of the object in each image (B, D, D): the image's
+    departures from its median (the background), of the sign of the largest one (so dark and
+    light objects both work), weighted by size."""
+    img = img - img.flatten(1).median(1).values[:, None, None]
+    flat = img.flatten(1)
+    peak = flat.gather(1, flat.abs().argmax(1, keepdim=True))[:, 0]  # (B,)
+    sign = torch.where(peak < 0, -1.0, 1.0)
+    img = (img * sign[:, None, None]).clamp(min=0)
+    w = img / img.sum((1, 2), keepdim=True).clamp(min=1e-12)
+    return torch.einsum("bij,ijk->bk", w, pixel_grid(img.shape[-1], img.device))
+
+
 def wrap_angle(theta: torch.Tensor) -> torch.Tensor:
     """Angles wrapped to [-pi, pi)."""
     return torch.remainder(theta + math.pi, 2 * math.pi) - math.pi

@@ -213,20 +213,28 @@ def classify_with_templates(
     model: torch.nn.Module,
     loader,
     n: int,
-    z_classes: np.ndarray,
+    z_classes: np.ndarray | None,
     device: torch.device,
     ctf_for: Callable[[np.ndarray], torch.Tensor | None] | None = None,
     config: RefineConfig | None = None,
     advance: Advance | None = None,
+    images: np.ndarray | None = None,
 ) -> TemplateClasses:
-    """Assign each particle to the class whose template (the model's noise-free image of the
-    class latent z_classes (K, Z)) it fits best after a pose search (`refine_poses`: every angle
-    and shift, with its CTF): the E-step of a 2D classification, on the model's templates."""
-    k = len(z_classes)
+    """Assign each particle to the class whose template it fits best after a pose search
+    (`refine_poses`: every angle and shift, with its CTF): the E-step of a 2D classification.
+
+    Templates: the model's noise-free images of the class latents z_classes (K, Z), or `images`
+    (K, 2D, 2D): CTF-free class images at twice the box (e.g. the aligned class averages, the
+    M-step); an all-zero image is an empty class and gets no particle."""
+    k = len(images) if images is not None else len(z_classes)
     config = config or RefineConfig()
-    scores = np.zeros((n, k))
+    scores = np.full((n, k), -np.inf)
     poses = np.zeros((n, k, 3))
-    zc = torch.as_tensor(z_classes, dtype=torch.float32, device=device)
+    zc = torch.as_tensor(z_classes, dtype=torch.float32, device=device) if images is None else None
+    fine = (
+        torch.as_tensor(images, dtype=torch.float32, device=device) if images is not None else None
+    )
+    empty = [] if fine is None else [c for c in range(k) if not bool(fine[c].abs().sum() > 0)]
     with torch.inference_mode():
         for idx, y in loader:
             i = idx.numpy()
@@ -234,10 +242,15 @@ def classify_with_templates(
             ctf = ctf_for(i) if ctf_for is not None else None
             start = torch.zeros(len(i), device=device)
             for c in range(k):
+                if c in empty:
+                    continue
+                if fine is None:
+                    render, z = model.render, zc[c].expand(len(i), -1)
+                else:
+                    render, z = _fixed_image(fine[c]), torch.zeros(len(i), 1, device=device)
                 theta, t, value = refine_poses(
-                    model.render, y, zc[c].expand(len(i), -1), start, ctf, model.cfg.t_sd_px,
-                    _sigma(model), config,
-                )  # fmt: skip
+                    render, y, z, start, ctf, model.cfg.t_sd_px, _sigma(model), config
+                )
                 scores[i, c] = value.double().cpu().numpy()
                 poses[i, c, 0] = theta.double().cpu().numpy()
                 poses[i, c, 1:] = t.double().cpu().numpy()
@@ -248,6 +261,11 @@ def classify_with_templates(
     log_post -= np.log(np.exp(log_post).sum(1, keepdims=True))
     best = poses[np.arange(n), labels]
     return TemplateClasses(labels, best[:, 0], best[:, 1:], log_post)
+
+
+def _fixed_image(image: torch.Tensor) -> Callable:
+    """A `render(z, theta, t, size)` that returns one fixed image (2D, 2D) for every particle."""
+    return lambda z, theta, t, size: image.expand(len(z), -1, -1)
 
 
 def run_inference(

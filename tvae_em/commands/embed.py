@@ -80,6 +80,14 @@ from .options import (
     "(templates), or the k-means classes and per-particle poses as they are (kmeans).",
 )
 @click.option(
+    "--class-rounds",
+    type=int,
+    default=2,
+    show_default=True,
+    help="With --classify templates: rounds that re-align the particles to their aligned, "
+    "phase-flipped class averages (the M-step of a 2D classification) and re-assign classes.",
+)
+@click.option(
     "--refine/--no-refine",
     default=True,
     show_default=True,

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..fourier import apply_ctf
-from ..geometry import pixel_grid, undo_pose
+from ..geometry import object_centroid, pixel_grid, undo_pose
 from .config import ModelConfig
 from .encoder import EquivariantEncoder
 from .generator import SpatialGenerator
@@ -198,13 +198,7 @@ class TargetVAE(nn.Module):
         """
         size = size or self.cfg.box
         img = self.render(z, z.new_zeros(len(z)), z.new_zeros(len(z), 2), size).float()
-        img = img - img.flatten(1).median(1).values[:, None, None]  # (B, D, D)
-        flat = img.flatten(1)
-        peak = flat.gather(1, flat.abs().argmax(1, keepdim=True))[:, 0]  # (B,)
-        sign = torch.where(peak < 0, -1.0, 1.0)
-        img = (img * sign[:, None, None]).clamp(min=0)
-        w = img / img.sum((1, 2), keepdim=True).clamp(min=1e-12)
-        return torch.einsum("bij,ijk->bk", w, pixel_grid(size, z.device))
+        return object_centroid(img)
 
     def export_for_inference(self) -> TargetVAE:
         """An equivalent model in eval mode whose e2cnn layers are plain torch."""
