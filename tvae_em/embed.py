@@ -170,7 +170,7 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
                 model, loader, n, z_classes, dev, ctf_for, RefineConfig(), advance
             )
             seconds += time.perf_counter() - t0
-        centres = object_centres(model, z_classes, dev)  # (K, 2) of each class's template
+        averages = None
         for r in range(opts.class_rounds):  # M-step: the aligned class averages as templates
             averages, _ = class_averages(
                 stack, trained.normalisation, found.theta, found.t, found.labels,
@@ -183,9 +183,12 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
                     model, loader, n, None, dev, ctf_for, RefineConfig(), advance, images=fine
                 )
                 seconds += time.perf_counter() - t0
-            centres = object_centroid(torch.from_numpy(averages)).double().numpy()
         emb.theta, emb.t = found.theta, found.t
-        emb.class_probability = np.exp(found.log_post[np.arange(n), found.labels])
+        centres = (  # (K, 2): the centre of each class's final template
+            object_centres(model, z_classes, dev)
+            if averages is None
+            else object_centroid(torch.from_numpy(averages)).double().numpy()
+        )
         emb.labels = number_by_size(found.labels, opts.classes)
         emb.centre = None if opts.recentre == "none" else centres[found.labels]
     else:

@@ -38,7 +38,6 @@ class Embedding:
     apix: np.ndarray | None = None  # (n,) pixel size (A) of the stack the model read
     box: int | None = None  # image side of that stack
     centre: np.ndarray | None = None  # (n, 2) px: object centre in the template frame (None: 0)
-    class_probability: np.ndarray | None = None  # (n,) posterior of the class (templates)
 
     @classmethod
     def empty(cls, n: int, z_dim: int) -> Embedding:
