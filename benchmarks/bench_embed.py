@@ -3,10 +3,13 @@
 A randomly initialised default model (ModelConfig(box=BOX) defaults) is saved as a run folder and
 N synthetic glyph particles as a RELION 3.1 star + stack, in a temporary folder; embed_particles
 then runs on each device (cpu, and cuda when present), for each renderer, with and without the
-per-particle ELBO (with the CTF: the star has defocus and the run says it was trained with it).
+per-particle ELBO (with the CTF: the star has defocus and the run says it was trained with it),
+and for each encoder cell grid (`--cell-grids window full`: the shift window of the default
+`shift_window`, or every pixel of the box as before the window).
 Speed does not depend on the weights, so an untrained model measures what a trained one would.
 
     python benchmarks/bench_embed.py --n 512 --box 64 --batch-size 64
+    python benchmarks/bench_embed.py --renderers fourier --cell-grids window full --no-refine
 """
 
 from __future__ import annotations
@@ -27,10 +30,13 @@ from tvae_em.model import ModelConfig, TargetVAE
 from tvae_em.run import RunFolder
 from tvae_em.synthetic import glyphs, random_ctf_params, star_blocks
 
+# ModelConfig overrides of each cell grid: the default window, or (beyond any box) every pixel
+CELL_GRIDS = {"window": {}, "full": {"shift_window": 1e6}}
 
-def make_run(folder: Path, box: int, renderer: str) -> Path:
+
+def make_run(folder: Path, box: int, renderer: str, grid: str = "window") -> Path:
     """A run folder holding an untrained default model for `box`, trained "with the CTF"."""
-    model = TargetVAE(ModelConfig(box=box, renderer=renderer))
+    model = TargetVAE(ModelConfig(box=box, renderer=renderer, **CELL_GRIDS[grid]))
     RunFolder(folder).save_model(model, {"ctf": "on"}, ctf=True)
     return folder
 
@@ -51,10 +57,14 @@ def run(args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         star = make_particles(root / "data", args.n, args.box)
-        runs = {r: make_run(root / f"run_{r}", args.box, r) for r in args.renderers}
-        for device, renderer, with_elbo in itertools.product(devices, runs, (False, True)):
-            run_dir = runs[renderer]
-            out = root / f"out_{device}_{renderer}_{with_elbo}.star"
+        runs = {
+            (r, g): make_run(root / f"run_{r}_{g}", args.box, r, g)
+            for r in args.renderers
+            for g in args.cell_grids
+        }
+        for device, (renderer, grid), with_elbo in itertools.product(devices, runs, (False, True)):
+            run_dir = runs[renderer, grid]
+            out = root / f"out_{device}_{renderer}_{grid}_{with_elbo}.star"
             t0 = time.perf_counter()
             opts = EmbedOptions(
                 run_dir,
@@ -63,6 +73,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 batch_size=args.batch_size,
                 device=device,
                 with_elbo=with_elbo,
+                refine=args.refine,
             )
             s = embed_particles(opts)
             total = time.perf_counter() - t0
@@ -70,6 +81,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 {
                     "device": device,
                     "renderer": renderer,
+                    "cells": grid,
                     "elbo": with_elbo,
                     "n": s.n,
                     "box": args.box,
@@ -88,6 +100,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--renderers", nargs="+", default=["real", "fourier"])
+    parser.add_argument("--cell-grids", nargs="+", default=["window"], choices=list(CELL_GRIDS))
+    parser.add_argument(
+        "--no-refine",
+        dest="refine",
+        action="store_false",
+        help="skip the per-particle pose refinement (time the encoder and ELBO only)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

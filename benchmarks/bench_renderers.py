@@ -2,6 +2,8 @@
 
     python benchmarks/bench_renderers.py                       # boxes 32 64 100, batch 64, CPU
     python benchmarks/bench_renderers.py --box 64 --rounds 5 --device cuda --amp
+    python benchmarks/bench_renderers.py --box 32 64 --rounds 2 \
+        --only "fourier, CTF, band at Nyquist" "fourier, CTF, Nyquist, full cell grid"
 
 Each round times one step (forward, backward, Adam, and the batch's CTF as the training loop
 computes it) of every variant in turn, so load from other jobs hits all variants alike; the
@@ -31,6 +33,11 @@ VARIANTS = {
     "fourier, CTF, band at Nyquist": (dict(renderer="fourier"), True, None),
     "fourier, CTF, band 0.3 x Nyquist": (dict(renderer="fourier"), True, 0.15),
     "fourier, no CTF, band at Nyquist": (dict(renderer="fourier"), False, None),
+    "fourier, CTF, Nyquist, full cell grid": (
+        dict(renderer="fourier", shift_window=1e6),  # every pixel a cell, as before the window
+        True,
+        None,
+    ),
     "fourier, CTF, Nyquist, hidden 256": (
         dict(renderer="fourier", generator_hidden=256),
         True,

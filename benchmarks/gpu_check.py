@@ -60,7 +60,7 @@ def _terms(model, y, ctf, with_ctf: bool, dev):
     with torch.no_grad():
         post = model.posterior(y)
         kl_tr, kl_theta, kl_z = kl_terms(post, model.log_pt, model.log_pr)
-        e = read_out(post, model.cfg.rotations, model.cfg.box)
+        e = read_out(post, model.cfg.rotations, model.cfg.cell_side)
         c = ctf.to(dev) if with_ctf else None
         log_lik = model.log_likelihood(y, e["theta"], e["t"], e["z_mu"], c)
     return {"log_lik": log_lik, "kl_tr": kl_tr, "kl_theta": kl_theta, "kl_z": kl_z}.items()

@@ -296,3 +296,118 @@ def test_bf16_autocast_keeps_pose_maths_in_float32():
     assert low["t"].dtype == torch.float32 and low["theta"].dtype == torch.float32
     torch.testing.assert_close(low["t"], ref["t"], atol=0.05, rtol=0)
     torch.testing.assert_close(low["z_mu"], ref["z_mu"], atol=0.05, rtol=0.05)
+
+
+def window_model(box: int = 32, **kw) -> TargetVAE:
+    """A small default-prior model at `box` (cells on the shift window unless kw says otherwise)."""
+    cfg = dict(box=box, z_dim=2, rotations=8, encoder_fields=4, encoder_hidden_fields=4)
+    return TargetVAE(ModelConfig(**cfg, generator_hidden=16, fourier_features=16, **kw)).eval()
+
+
+def window_of(x: torch.Tensor, side: int) -> torch.Tensor:
+    """The centred side x side window (centre pixel D//2) of (..., D, D)."""
+    o = x.shape[-1] // 2 - side // 2
+    return x[..., o : o + side, o : o + side]
+
+
+def test_windowed_posterior_is_the_full_posterior_restricted_and_renormalised():
+    win, full = window_model(), window_model(shift_window=1000.0)
+    full.load_state_dict(win.state_dict())
+    s, n, b = win.cfg.cell_side, 8, 3
+    assert (s, full.cfg.cell_side) == (15, 32)
+    y = torch.randn(b, 32, 32)
+    with torch.no_grad():
+        pw, pf = win.posterior(y), full.posterior(y)
+    assert pw.log_q.shape == (b, n * s * s)
+
+    def restrict(v: torch.Tensor) -> torch.Tensor:  # (B, [Z,] N*D*D) -> (B, [Z,] N*S*S)
+        return window_of(v.reshape(*v.shape[:-1], n, 32, 32), s).reshape(*v.shape[:-1], -1)
+
+    torch.testing.assert_close(pw.log_q, torch.log_softmax(restrict(pf.log_q), 1))
+    for name in ("logits", "theta_mu", "theta_logsd", "z_mu", "z_logsd"):
+        torch.testing.assert_close(getattr(pw, name), restrict(getattr(pf, name)))
+    # the shift prior: the full one restricted and renormalised; the mass it drops is tiny
+    torch.testing.assert_close(win.log_pt.exp(), (p := window_of(full.log_pt.exp(), s)) / p.sum())
+    assert 0 < 1 - float(p.sum()) < 2e-4
+
+
+def test_cell_side_and_config_round_trip_with_and_without_the_window():
+    cfg = ModelConfig(box=32)
+    assert cfg.shift_window == 4.0 and cfg.to_dict()["shift_window"] == 4.0
+    assert cfg.cell_side == 15  # R = ceil(4 x 1.6 px) = 7
+    assert ModelConfig(box=64).cell_side == 27 and ModelConfig(box=40).cell_side == 17
+    assert ModelConfig(box=32, shift_window=2.5).cell_side == 9  # ceil(4.0) = 4, not 5
+    assert ModelConfig(box=32, t_sd_px=4.0).cell_side == 32  # 33 > 32: the full grid
+    assert ModelConfig(box=33, t_sd_px=4.0).cell_side == 33
+    assert ModelConfig(box=31, t_sd_px=3.5).cell_side == 29
+    again = ModelConfig.from_dict(ModelConfig(box=32, shift_window=2.5).to_dict())
+    assert again.shift_window == 2.5 and again.cell_side == 9
+    old = {k: v for k, v in cfg.to_dict().items() if k != "shift_window"}  # an older config
+    assert ModelConfig.from_dict(old) == cfg
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(UserError, match="shift_window"):
+            ModelConfig(box=32, shift_window=bad)
+
+
+def test_checkpoint_without_shift_window_loads_on_the_window(tmp_path):
+    from tvae_em.run import RunFolder
+
+    model = window_model(shift_window=1000.0)  # trained "on the full grid"
+    run = RunFolder(tmp_path / "run")
+    run.save_model(model, {})
+    payload = run.load_checkpoint()
+    del payload["model_config"]["shift_window"]  # as written before the window existed
+    run.save_checkpoint("last", payload)
+    loaded = run.load_model().model
+    assert loaded.cfg.shift_window == 4.0 and loaded.cfg.cell_side == 15
+    y = torch.randn(2, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encoder(y), window_of(model.encoder(y), 15))
+
+
+def matched_filter(model: TargetVAE, sd: float = 2.0, scale: float = 1000.0) -> TargetVAE:
+    """The exported model with a hand-set encoder: every template is a Gaussian blob of sd `sd`,
+    the 1x1 layers pass it on, and the attention is `scale` x that correlation in every bin (so
+    q(t, r) peaks where a blob sits); every other field is 0."""
+    out = model.export_for_inference()
+    enc = out.encoder
+    k = enc.lift.filt.shape[-1]
+    r = torch.arange(k, dtype=torch.float32) - k // 2
+    blob = torch.exp(-(r[:, None] ** 2 + r[None] ** 2) / (2 * sd**2))
+    with torch.no_grad():
+        enc.lift.filt.copy_((blob / blob.sum()).expand_as(enc.lift.filt))
+        enc.lift.bias.zero_()
+        for lin in enc.hidden:
+            lin.weight.copy_(torch.eye(*lin.weight.shape))
+            lin.bias.zero_()
+        enc.head.weight.zero_()
+        enc.head.bias.zero_()
+        enc.head.weight[: model.cfg.rotations] = scale / enc.head.weight.shape[1]
+    return out
+
+
+def blob_at(box: int, shifts: list[tuple[int, int]], sd: float = 2.0) -> torch.Tensor:
+    """(B, box, box) Gaussian blobs centred at shifts (x, y) px from the centre pixel."""
+    r = torch.arange(box, dtype=torch.float32) - box // 2
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
+    return torch.stack(
+        [torch.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sd**2)) for x, y in shifts]
+    )
+
+
+def test_embedding_recovers_a_known_shift_on_the_window():
+    """A blob at a known shift inside the window: embed's t and the ELBO's cell are that shift
+    (the KL of the cells is -log p(t) of that cell); beyond the window t stops at its edge."""
+    win = matched_filter(window_model())
+    full = matched_filter(window_model(shift_window=1000.0))
+    inside = [(3, -5), (-6, 6), (0, 0), (7, -7)]
+    y = blob_at(32, inside + [(10, 0)])
+    with torch.no_grad():
+        e, ef, out = win.embed(y), full.embed(y), win(y)
+    expected = torch.tensor(inside + [(7, 0)], dtype=torch.float32)  # R = 7: the window's edge
+    torch.testing.assert_close(e["t"], expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ef["t"][:-1], expected[:-1], atol=1e-4, rtol=0)
+    torch.testing.assert_close(ef["t"][-1], torch.tensor([10.0, 0.0]), atol=1e-4, rtol=0)
+    # q is uniform over the 8 bins at the winning position: KL(q(t, r) || p) = -log p(t)
+    idx = expected.long() + 7  # (x, y) -> window column j, row i
+    torch.testing.assert_close(out["kl_tr"], -win.log_pt[idx[:, 1], idx[:, 0]], atol=1e-4, rtol=0)

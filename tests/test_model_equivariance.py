@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 from tvae_em.geometry import rotation_matrix, transform_images, wrap_angle
 from tvae_em.model import ModelConfig, TargetVAE
-from tvae_em.model.encoder import correlate, fft_correlate
+from tvae_em.model.encoder import correlate, fft_correlate, use_fft, window_offset
 
 
-def small_model(box: int = 21, rotations: int = 8, seed: int = 0) -> TargetVAE:
+def small_model(box: int = 21, rotations: int = 8, seed: int = 0, **kw) -> TargetVAE:
     cfg = ModelConfig(
         box=box,
         rotations=rotations,
@@ -21,6 +21,7 @@ def small_model(box: int = 21, rotations: int = 8, seed: int = 0) -> TargetVAE:
         generator_hidden=16,
         fourier_features=8,
         seed=seed,
+        **kw,
     )
     return TargetVAE(cfg).eval()
 
@@ -52,8 +53,9 @@ def test_rot90_rotates_maps_and_shifts_bins(rotations, exported):
     enc = model.export_for_inference().encoder if exported else model.encoder
     y = torch.randn(3, 21, 21)
     with torch.no_grad():
-        maps = enc(y)  # (B, F, N, D, D)
+        maps = enc(y)  # (B, F, N, S, S)
         maps_rot = enc(rot90_pos(y))
+    assert maps.shape[-1] == model.cfg.cell_side < 21  # the window, centred: rot90 maps onto it
     expected = torch.roll(rot90_pos(maps), rotations // 4, dims=2)
     scale = maps.abs().max()
     assert (maps_rot - expected).abs().max() < 1e-5 * scale
@@ -99,7 +101,7 @@ def test_rotation_by_one_bin_is_approximately_equivariant(seed):
     shifted one bin (measured >= 0.985 over seeds 0-2), and the per-bin peak logit profile moves
     by +1 bin. (The winning bin's step is tested on a trained model in test_model_learning.)"""
     n, box = 8, 25
-    model = small_model(box=box, rotations=n, seed=seed)
+    model = small_model(box=box, rotations=n, seed=seed, shift_window=1000.0)  # every pixel
     angles = torch.arange(8) * (2 * math.pi / n)  # 8 copies, each one bin further
     y = transform_images(
         blob_glyph(box).expand(8, box, box).contiguous(), angles, torch.zeros(8, 2)
@@ -126,20 +128,23 @@ def test_rotation_by_one_bin_is_approximately_equivariant(seed):
 
 
 def test_shift_moves_maps_by_cells():
+    """On the window of cells: shifting the object by k pixels moves its maps by k cells."""
     box, k = 31, (3, -2)  # shift by 3 rows (y) and -2 columns (x)
     model = small_model(box=box)
+    s = model.cfg.cell_side
+    assert s == 15
     img = torch.zeros(1, box, box)
     img[0, 10:21, 10:21] = blob_glyph(11)
     shifted = torch.roll(img, k, dims=(-2, -1))  # object stays inside, background zero
     with torch.no_grad():
         m0, m1 = model.encoder(img), model.encoder(shifted)
-    inner = slice(4, box - 4)
+    assert m0.shape[-2:] == (s, s)
+    inner = slice(3, s - 3)  # the cells whose shifted partners are inside the window
     expected = torch.roll(m0, k, dims=(-2, -1))
     diff = (m1[..., inner, inner] - expected[..., inner, inner]).abs().max()
     assert diff < 1e-5 * m0.abs().max()
-    with torch.no_grad():
-        e0, e1 = model.embed(img), model.embed(shifted)
-    assert torch.equal(e1["r"], e0["r"])
+    # the read-out's use of the shifted cells is tested with a matched-filter encoder
+    # (test_model_elbo.test_embedding_recovers_a_known_shift_on_the_window)
 
 
 @pytest.mark.parametrize("box,kernel", [(12, 7), (21, 11), (40, 23)])
@@ -162,3 +167,57 @@ def test_fft_correlation_gradients_equal_direct_convolution():
     dx, df = torch.autograd.grad((F.conv2d(x, filt, padding=3) * g).sum(), (x, filt))
     torch.testing.assert_close(gx.double(), dx, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(gf.double(), df, atol=1e-4, rtol=1e-4)
+
+
+def crop(maps: torch.Tensor, side: int) -> torch.Tensor:
+    """The centred side x side window (centre pixel D//2) of (..., D, D) maps."""
+    o = window_offset(maps.shape[-1], side)
+    return maps[..., o : o + side, o : o + side]
+
+
+@pytest.mark.parametrize(
+    "box,t_sd,window_fft,full_fft",
+    [
+        (32, None, False, False),
+        (64, None, False, True),
+        (64, 7.5, True, True),
+        (33, 2.0, False, False),
+    ],
+)
+@pytest.mark.parametrize("exported", [False, True])
+def test_window_maps_equal_full_maps_cropped(box, t_sd, window_fft, full_fft, exported):
+    """The windowed encoder computes exactly the full-grid maps (same weights) on its window,
+    by direct convolution of the cropped input or by FFT (both paths, both grids, odd box too)."""
+    kw = dict(box=box, seed=1, **({} if t_sd is None else {"t_sd_px": t_sd}))
+    win, full = small_model(**kw), small_model(shift_window=1000.0, **kw)
+    s, k = win.cfg.cell_side, win.cfg.encoder_kernel
+    assert s < box and full.cfg.cell_side == box
+    assert use_fft(box, k, s) == window_fft and use_fft(box, k, box) == full_fft
+    full.load_state_dict(win.state_dict())  # the weights do not depend on the grid
+    if exported:
+        win, full = win.export_for_inference(), full.export_for_inference()
+    y = torch.randn(3, box, box)
+    y[0] = 0.0
+    y[0, box // 2 + s // 2, box // 2] = 5.0  # a spike on the window's edge row
+    with torch.no_grad():
+        mw, mf = win.encoder(y), full.encoder(y)
+    assert mw.shape == (3, mf.shape[1], 8, s, s) and mf.shape[-1] == box
+    scale = mf.abs().max()
+    assert (mw - crop(mf, s)).abs().max() < 2e-5 * scale
+    # and a window one pixel off would not match (the test can tell)
+    o = window_offset(box, s) + 1
+    assert (mw - mf[..., o : o + s, o : o + s]).abs().max() > 1e-3 * scale
+
+
+@pytest.mark.parametrize("box,side", [(16, 5), (21, 11), (40, 9), (64, 27)])
+def test_windowed_correlation_equals_full_cropped(box, side):
+    """`correlate` on a window equals the full 'same' convolution cropped, on either path."""
+    k = min(box - 1 if box % 2 == 0 else box, 2 * (box // 3) + 1)
+    x = torch.randn(2, 1, box, box)
+    filt, bias = torch.randn(3, 1, k, k), torch.randn(3)
+    full = F.conv2d(x, filt, bias, padding=k // 2)
+    torch.testing.assert_close(
+        correlate(x, filt, bias, side), crop(full, side), atol=1e-4, rtol=1e-4
+    )
+    fft = fft_correlate(x, filt) + bias[:, None, None]
+    torch.testing.assert_close(crop(fft, side), crop(full, side), atol=1e-4, rtol=1e-4)

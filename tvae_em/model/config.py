@@ -19,6 +19,11 @@ def default_kernel(box: int) -> int:
     return max(3, k if k % 2 == 1 else k + 1 if k + 1 <= box else k - 1)
 
 
+def _positive(x) -> bool:
+    """True for a finite number > 0 (not a bool)."""
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
 @dataclass
 class ModelConfig:
     """Settings of the model; None fields are resolved from `box` when the config is created.
@@ -30,6 +35,7 @@ class ModelConfig:
     z_dim: int = 2
     rotations: int = 8
     t_sd_px: float | None = None  # sd of the Gaussian shift prior in pixels; None: 0.05 * box
+    shift_window: float = 4.0  # encoder cells cover shifts up to this many t_sd_px (`cell_side`)
     r_prior: str = "uniform"  # "uniform" or "gaussian" over the bin centres
     r_prior_sd: float = math.pi / 4  # radians, for r_prior == "gaussian"
     likelihood: str = "gaussian"  # "gaussian" or "bernoulli"
@@ -73,6 +79,10 @@ class ModelConfig:
         checks = [
             (self.z_dim >= 1, f"--z-dim must be >= 1, got {self.z_dim}"),
             (self.t_sd_px > 0, f"--t-sd must be > 0, got {self.t_sd_px}"),
+            (
+                _positive(self.shift_window),
+                f"shift_window must be > 0 (shift-prior sds), got {self.shift_window}",
+            ),
             (self.r_prior in ROTATION_PRIORS, f"--r-prior must be one of {ROTATION_PRIORS}"),
             (self.r_prior_sd > 0, f"rotation prior sd must be > 0, got {self.r_prior_sd}"),
             (self.likelihood in LIKELIHOODS, f"--likelihood must be one of {LIKELIHOODS}"),
@@ -99,6 +109,18 @@ class ModelConfig:
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
+
+    @property
+    def cell_side(self) -> int:
+        """S: side of the centred S x S window of translation cells (shifts |x|, |y| <= S // 2 px).
+
+        S = 2R + 1 with R = ceil(shift_window * t_sd_px): cells further out have prior mass
+        below exp(-shift_window^2 / 2) each. Where that window does not fit the box, S = box
+        (every pixel is a cell).
+        """
+        half = math.ceil(self.shift_window * self.t_sd_px - 1e-9)
+        side = 2 * half + 1
+        return side if side <= self.box else self.box
 
     def to_dict(self) -> dict:
         """Plain dict of every (resolved) setting, for config.json and checkpoints."""

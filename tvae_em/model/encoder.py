@@ -1,10 +1,12 @@
 """C_N- and translation-equivariant encoder: learned rotated template matching on e2cnn.
 
 One lifting R2Conv (trivial -> regular fields) with a kernel about the object's size, applied as an
-exact linear 'same' correlation through the FFT, then 1x1 regular -> regular R2Convs with LeakyReLU
-(pointwise, so equivariant on regular fields) and 1x1 heads. No stride or pooling: the output maps
-keep the input's pixel grid. The rotation axis is reordered so that rotating the input by
-+2*pi/N (``geometry.transform_images``) moves the maps from bin r to bin r + 1.
+exact linear 'same' correlation (direct or through the FFT), then 1x1 regular -> regular R2Convs
+with LeakyReLU (pointwise, so equivariant on regular fields) and 1x1 heads. No stride or pooling:
+the output maps keep the input's pixel grid, on the centred window of pixels that the shift prior
+can reach (`ModelConfig.cell_side`; only that window is computed). The rotation axis is reordered
+so that rotating the input by +2*pi/N (``geometry.transform_images``) moves the maps from bin r to
+bin r + 1.
 """
 
 from __future__ import annotations
@@ -61,27 +63,52 @@ def fft_correlate(x: torch.Tensor, filt: torch.Tensor) -> torch.Tensor:
         return out[..., :d, :d]
 
 
-def use_fft(box: int, kernel: int) -> bool:
-    """True where FFT correlation beats direct convolution (measured crossover near box 55-60)."""
-    n = _fast_len(box + kernel - 1)
-    return box * box * kernel * kernel > 30 * n * n * math.log2(n * n)
+def use_fft(box: int, kernel: int, side: int | None = None) -> bool:
+    """True where FFT correlation beats direct convolution for `side` x `side` outputs of a box.
 
-
-def correlate(x: torch.Tensor, filt: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Linear 'same' correlation (B, 1, D, D) x (C, 1, k, k) + bias (C,) -> (B, C, D, D).
-
-    Direct convolution or FFT, whichever is faster for this size; both are exact.
+    Direct cost grows with the outputs (side^2 k^2), the FFT's with the padded box only; the
+    constant is the measured full-box crossover near box 55-60.
     """
-    if use_fft(x.shape[-1], filt.shape[-1]):
-        return fft_correlate(x, filt) + bias[None, :, None, None]
-    return F.conv2d(x, filt.to(x.dtype), bias.to(x.dtype), padding=filt.shape[-1] // 2)
+    side = box if side is None else side
+    n = _fast_len(box + kernel - 1)
+    return side * side * kernel * kernel > 30 * n * n * math.log2(n * n)
+
+
+def window_offset(box: int, side: int) -> int:
+    """First row (and column) of the centred side x side window: its centre is pixel box//2."""
+    return box // 2 - side // 2
+
+
+def correlate(
+    x: torch.Tensor, filt: torch.Tensor, bias: torch.Tensor, side: int | None = None
+) -> torch.Tensor:
+    """Linear 'same' correlation (B, 1, D, D) x (C, 1, k, k) + bias (C,) -> (B, C, S, S).
+
+    Only the centred S x S window of the output (`window_offset`; S = `side`, None: D) is
+    computed. Direct convolution of the input region it needs (zero outside the box) or FFT
+    with the output cropped, whichever is faster for this size; both equal the full-box result
+    cropped.
+    """
+    d, k = x.shape[-1], filt.shape[-1]
+    side = d if side is None else side
+    o, p = window_offset(d, side), k // 2
+    if use_fft(d, k, side):
+        out = fft_correlate(x, filt)[..., o : o + side, o : o + side]
+        return out + bias[None, :, None, None]
+    filt, bias = filt.to(x.dtype), bias.to(x.dtype)
+    if side == d:
+        return F.conv2d(x, filt, bias, padding=p)
+    lo, hi = p - o, o + side + p - d  # padding (negative: cropping) before and after
+    region = F.pad(x, (lo, hi, lo, hi))  # (B, 1, S + k - 1, S + k - 1)
+    return F.conv2d(region, filt, bias)
 
 
 class FFTLiftingConv(nn.Module):
     """Lifting R2Conv (1 trivial -> `fields` regular fields), evaluated by FFT correlation."""
 
-    def __init__(self, gspace, fields: int, kernel: int):
+    def __init__(self, gspace, fields: int, kernel: int, side: int | None = None):
         super().__init__()
+        self.side = side  # output window side (None: the whole box)
         in_type = enn.FieldType(gspace, [gspace.trivial_repr])
         out_type = enn.FieldType(gspace, [gspace.regular_repr] * fields)
         self.conv = _non_persistent(enn.R2Conv(in_type, out_type, kernel, padding=kernel // 2))
@@ -93,25 +120,26 @@ class FFTLiftingConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         filt, bias = self.conv.expand_parameters()  # (C, 1, k, k), (C,)
-        return correlate(x, filt, bias)  # (B, C, D, D)
+        return correlate(x, filt, bias, self.side)  # (B, C, S, S)
 
     def export(self) -> nn.Module:
         """The same layer with a fixed plain-torch filter."""
         with torch.no_grad():
             filt, bias = self.conv.expand_parameters()
-        return FixedFFTConv(filt.detach().clone(), bias.detach().clone())
+        return FixedFFTConv(filt.detach().clone(), bias.detach().clone(), self.side)
 
 
 class FixedFFTConv(nn.Module):
-    """Exported lifting layer: FFT correlation with a stored filter (no e2cnn)."""
+    """Exported lifting layer: `correlate` with a stored filter (no e2cnn), same output window."""
 
-    def __init__(self, filt: torch.Tensor, bias: torch.Tensor):
+    def __init__(self, filt: torch.Tensor, bias: torch.Tensor, side: int | None = None):
         super().__init__()
+        self.side = side
         self.register_buffer("filt", filt)  # (C, 1, k, k)
         self.register_buffer("bias", bias)  # (C,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return correlate(x, self.filt, self.bias)
+        return correlate(x, self.filt, self.bias, self.side)
 
 
 class Regular1x1(nn.Module):
@@ -147,9 +175,10 @@ class Regular1x1(nn.Module):
 
 
 class EquivariantEncoder(nn.Module):
-    """Image (B, D, D) -> per-cell maps (B, F, N, D, D), fields laid out as `HeadLayout` says.
+    """Image (B, D, D) -> per-cell maps (B, F, N, S, S), fields laid out as `HeadLayout` says.
 
-    Axis 2 is the rotation bin r (angle 2*pi*r/N).
+    Axis 2 is the rotation bin r (angle 2*pi*r/N); axes 3, 4 are the centred S x S window of
+    pixels (S = `ModelConfig.cell_side`, `window_offset`): the full-box maps cropped.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -159,7 +188,8 @@ class EquivariantEncoder(nn.Module):
         self.layout = HeadLayout(cfg.z_dim)
         self.out_fields = self.layout.n_fields
         gs = gspaces.Rot2dOnR2(n)
-        self.lift = FFTLiftingConv(gs, cfg.encoder_fields, cfg.encoder_kernel)
+        self.side = cfg.cell_side
+        self.lift = FFTLiftingConv(gs, cfg.encoder_fields, cfg.encoder_kernel, self.side)
         width, hidden = cfg.encoder_fields, []
         for _ in range(cfg.encoder_layers):
             hidden.append(Regular1x1(gs, width, cfg.encoder_hidden_fields))
@@ -176,14 +206,14 @@ class EquivariantEncoder(nn.Module):
         self.register_buffer("field_gain", gain, persistent=False)  # (F, 1)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        b, d, _ = y.shape
-        h = F.leaky_relu(self.lift(y[:, None]), LEAKY_SLOPE, inplace=True)  # (B, C, D, D)
-        h = h.permute(0, 2, 3, 1)  # (B, D, D, C) channels-last view
+        b, s = y.shape[0], self.side
+        h = F.leaky_relu(self.lift(y[:, None]), LEAKY_SLOPE, inplace=True)  # (B, C, S, S)
+        h = h.permute(0, 2, 3, 1)  # (B, S, S, C) channels-last view
         for layer in self.hidden:
-            h = F.leaky_relu(layer(h), LEAKY_SLOPE, inplace=True)  # (B, D, D, C')
-        h = self.head(h)  # (B, D, D, F * N), field-major channels
-        h = h.reshape(b, d, d, self.out_fields, self.rotations).index_select(4, self.bin_order)
-        return (h * self.field_gain).permute(0, 3, 4, 1, 2)  # (B, F, N, D, D)
+            h = F.leaky_relu(layer(h), LEAKY_SLOPE, inplace=True)  # (B, S, S, C')
+        h = self.head(h)  # (B, S, S, F * N), field-major channels
+        h = h.reshape(b, s, s, self.out_fields, self.rotations).index_select(4, self.bin_order)
+        return (h * self.field_gain).permute(0, 3, 4, 1, 2)  # (B, F, N, S, S)
 
     def export(self) -> EquivariantEncoder:
         """A copy whose e2cnn layers are replaced by plain-torch equivalents (for inference)."""

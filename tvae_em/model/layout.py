@@ -1,6 +1,6 @@
 """The encoder head's output layout: which field of the per-cell maps holds what.
 
-The encoder writes maps (B, F, N, D, D) with F = 3 + 2 * z_dim fields per rotation bin and pixel;
+The encoder writes maps (B, F, N, S, S) with F = 3 + 2 * z_dim fields per rotation bin and cell;
 this is the one place that says which field is which (encoder and posterior both use it).
 """
 

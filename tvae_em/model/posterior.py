@@ -1,8 +1,9 @@
 """Priors, the structured posterior over cells (r, i, j), its KL terms, sampling and read-out.
 
-A cell is a rotation bin r (angle o_r = 2*pi*r/N) and a position (i, j) standing for the shift
-t = (j - D//2, i - D//2) pixels (x, y), as in `geometry.pixel_grid`. Cells are flattened in the
-order (r, i, j): index m = r * D * D + i * D + j.
+A cell is a rotation bin r (angle o_r = 2*pi*r/N) and a position (i, j) of the encoder's centred
+S x S window (S = `ModelConfig.cell_side`, at most the box D) standing for the shift
+t = (j - S//2, i - S//2) pixels (x, y), as in `geometry.pixel_grid(S)`. Cells are flattened in the
+order (r, i, j): index m = r * S * S + i * S + j.
 """
 
 from __future__ import annotations
@@ -24,16 +25,16 @@ def bin_angles(n: int, device=None) -> torch.Tensor:
     return torch.arange(n, device=device, dtype=torch.float32) * (2 * math.pi / n)
 
 
-def cell_shifts(n: int, box: int, device=None) -> torch.Tensor:
-    """(N * D * D, 2) shift (x, y) in pixels of every cell, in flattened cell order."""
-    t = pixel_grid(box, device).reshape(1, box * box, 2)
-    return t.expand(n, -1, -1).reshape(n * box * box, 2)
+def cell_shifts(n: int, side: int, device=None) -> torch.Tensor:
+    """(N * S * S, 2) shift (x, y) in pixels of every cell of an S x S grid, in cell order."""
+    t = pixel_grid(side, device).reshape(1, side * side, 2)
+    return t.expand(n, -1, -1).reshape(n * side * side, 2)
 
 
-def log_prior_t(box: int, sd_px: float, device=None) -> torch.Tensor:
-    """(D, D) log p(t): Gaussian in the shift with sd `sd_px` pixels, normalised over the grid."""
-    t = pixel_grid(box, device)
-    return F.log_softmax((-(t**2).sum(-1) / (2 * sd_px**2)).flatten(), 0).reshape(box, box)
+def log_prior_t(side: int, sd_px: float, device=None) -> torch.Tensor:
+    """(S, S) log p(t): Gaussian in the shift with sd `sd_px` px, normalised over the cells."""
+    t = pixel_grid(side, device)
+    return F.log_softmax((-(t**2).sum(-1) / (2 * sd_px**2)).flatten(), 0).reshape(side, side)
 
 
 def log_prior_r(
@@ -48,7 +49,7 @@ def log_prior_r(
 
 @dataclass
 class CellPosterior:
-    """The encoder's per-cell outputs, flattened over the M = N * D * D cells."""
+    """The encoder's per-cell outputs, flattened over the M = N * S * S cells."""
 
     logits: torch.Tensor  # (B, M) prior-adjusted attention a + log p(r)
     log_q: torch.Tensor  # (B, M) log q(t, r | y)
@@ -59,7 +60,7 @@ class CellPosterior:
 
 
 def posterior_from_maps(maps: torch.Tensor, log_pr: torch.Tensor) -> CellPosterior:
-    """Build q from encoder maps (B, 3 + 2Z, N, D, D) (float32) and log p(r) (N,)."""
+    """Build q from encoder maps (B, 3 + 2Z, N, S, S) (float32) and log p(r) (N,)."""
     b, f, n = maps.shape[:3]
     lay = HeadLayout.from_fields(f)
     maps = maps.float()
@@ -98,9 +99,11 @@ def kl_terms(
 
 
 def sample_pose_latent(
-    post: CellPosterior, n: int, box: int, tau: float = 1.0
+    post: CellPosterior, n: int, side: int, tau: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Relaxed reparameterised sample: theta (B,) rad, t (B, 2) px (x, y), z (B, Z).
+
+    `side` is the cell grid's S (`ModelConfig.cell_side`).
 
     Gumbel-softmax weights w over cells; theta is the w-weighted circular mean of the cells'
     angles (so bins 0 and N-1 do not average to pi) plus (sum w sd_theta) * eps.
@@ -111,28 +114,29 @@ def sample_pose_latent(
     z_mean = torch.einsum("bm,bzm->bz", w, post.z_mu)
     z_sd = torch.einsum("bm,bzm->bz", w, post.z_logsd.exp())
     z = z_mean + z_sd * torch.randn_like(z_sd)
-    o = bin_angles(n, logits.device).repeat_interleave(box * box)  # (M,)
+    o = bin_angles(n, logits.device).repeat_interleave(side * side)  # (M,)
     ang = o[None] + post.theta_mu  # (B, M)
     theta_mean = torch.atan2((w * torch.sin(ang)).sum(1), (w * torch.cos(ang)).sum(1))
     theta_sd = (w * post.theta_logsd.exp()).sum(1)
     theta = theta_mean + theta_sd * torch.randn_like(theta_sd)
-    t = w @ cell_shifts(n, box, logits.device)  # (B, 2)
+    t = w @ cell_shifts(n, side, logits.device)  # (B, 2)
     return theta, t, z
 
 
-def read_out(post: CellPosterior, n: int, box: int) -> dict[str, torch.Tensor]:
+def read_out(post: CellPosterior, n: int, side: int) -> dict[str, torch.Tensor]:
     """Point estimates: the winning cell (argmax of the prior-adjusted logits) and posterior mean t.
 
+    `side` is the cell grid's S (`ModelConfig.cell_side`).
     Returns theta (B,) rad in [-pi, pi), t (B, 2) px, z_mu, z_sd (B, Z), confidence (B,), r (B,).
     """
     idx = post.logits.argmax(1)  # (B,)
-    r = torch.div(idx, box * box, rounding_mode="floor")
+    r = torch.div(idx, side * side, rounding_mode="floor")
     pick = idx[:, None]
     theta = bin_angles(n, idx.device)[r] + post.theta_mu.gather(1, pick)[:, 0]
     zi = pick[:, None, :].expand(-1, post.z_mu.shape[1], 1)  # (B, Z, 1)
     return {
         "theta": wrap_angle(theta),
-        "t": post.log_q.exp() @ cell_shifts(n, box, idx.device),
+        "t": post.log_q.exp() @ cell_shifts(n, side, idx.device),
         "z_mu": post.z_mu.gather(2, zi)[..., 0],
         "z_sd": post.z_logsd.gather(2, zi)[..., 0].exp(),
         "confidence": post.log_q.gather(1, pick)[:, 0].exp(),

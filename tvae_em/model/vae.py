@@ -78,7 +78,8 @@ class TargetVAE(nn.Module):
                 )
         self.likelihood = PixelLikelihood(cfg.likelihood, cfg.learn_sigma)
         n, d = cfg.rotations, cfg.box
-        self.register_buffer("log_pt", log_prior_t(d, cfg.t_sd_px), persistent=False)
+        # the shift prior over the encoder's S x S cells (S = cfg.cell_side)
+        self.register_buffer("log_pt", log_prior_t(cfg.cell_side, cfg.t_sd_px), persistent=False)
         self.register_buffer(
             "log_pr", log_prior_r(n, cfg.r_prior, cfg.r_prior_sd), persistent=False
         )
@@ -86,7 +87,7 @@ class TargetVAE(nn.Module):
         self.band = Band(d) if cfg.renderer == "fourier" else None
 
     def posterior(self, y: torch.Tensor) -> CellPosterior:
-        """Encode (B, D, D) images into the per-cell posterior."""
+        """Encode (B, D, D) images into the per-cell posterior (cells of the S x S window)."""
         if y.shape[-2:] != (self.cfg.box, self.cfg.box):
             raise UserError(
                 f"images are {tuple(y.shape[-2:])}, the model expects box {self.cfg.box}"
@@ -143,7 +144,9 @@ class TargetVAE(nn.Module):
     def _elbo(self, y, post, ctf, fraction, k_max=None) -> dict[str, torch.Tensor]:
         with full_precision(y.device):
             kl_tr, kl_theta, kl_z = kl_terms(post, self.log_pt, self.log_pr)
-            theta, t, z = sample_pose_latent(post, self.cfg.rotations, self.cfg.box, self.cfg.tau)
+            theta, t, z = sample_pose_latent(
+                post, self.cfg.rotations, self.cfg.cell_side, self.cfg.tau
+            )
         log_lik = self.log_likelihood(y, theta, t, z, ctf, fraction, k_max)
         elbo = log_lik - kl_tr - kl_theta - kl_z
         return {
@@ -172,7 +175,7 @@ class TargetVAE(nn.Module):
         confidence (B,), r (B,) winning bin; and a full-pixel ELBO estimate when asked."""
         post = self.posterior(y)
         with full_precision(y.device):
-            out = read_out(post, self.cfg.rotations, self.cfg.box)
+            out = read_out(post, self.cfg.rotations, self.cfg.cell_side)
         if with_elbo:
             out["elbo"] = self._elbo(y, post, ctf, 1.0)["elbo"]
         return out
