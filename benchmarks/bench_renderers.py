@@ -30,7 +30,11 @@ from tvae_em.synthetic import random_ctf_params
 VARIANTS = {
     # the default path for stars with defocus before issue 10: real-space generator on every pixel,
     # CTF by an FFT pair, every pixel a translation cell
-    "real, CTF, full cell grid (old default)": (dict(renderer="real", shift_window=1e6), True, None),
+    "real, CTF, full cell grid (old default)": (
+        dict(renderer="real", shift_window=1e6),
+        True,
+        None,
+    ),
     "real, CTF": (dict(renderer="real"), True, None),
     "real, no CTF, 25% pixels": (dict(renderer="real"), False, None),
     "fourier, CTF, band at Nyquist": (dict(renderer="fourier"), True, None),
