@@ -202,3 +202,15 @@ def test_generate_reclustering_drops_the_old_posterior(project, tmp_path, monkey
     )  # fmt: skip
     p = starfile.read(tmp_path / "particle_classes.star", always_dict=True)["particles"]
     assert CLASS_PROBABILITY not in p and set(p["rlnClassNumber"]) <= {1, 2}
+
+
+def test_select_original_carries_the_posterior_to_the_original_rows(project, tmp_path, monkeypatch):
+    root, _, _ = project
+    monkeypatch.chdir(root)
+    select_particles(
+        SelectOptions("e.star", tmp_path / "s.star", classes="1", original="particles.star")
+    )
+    p = starfile.read(root / "e.star", always_dict=True)["particles"]
+    out = starfile.read(tmp_path / "s.star", always_dict=True)["particles"]
+    kept = p["rlnClassNumber"] == 1
+    np.testing.assert_allclose(out[CLASS_PROBABILITY], p[CLASS_PROBABILITY][kept], rtol=1e-8)
