@@ -93,6 +93,17 @@ def test_files_and_blocks_as_relion_refine_writes_them(project):
         assert m.data.shape == (K, BOX, BOX) and float(m.voxel_size.x) == pytest.approx(2.0)
 
 
+def test_kmeans_classes_have_no_class_posterior(project):
+    """--classify kmeans: no class posterior, so the data star's rlnMaxValueProbDistribution is
+    the pose confidence (above), embed's star has none and the npz no class_log_post."""
+    root, _ = project
+    assert "class_log_post" not in np.load(root / "embedded.npz").files
+    embedded = starfile.read(root / "embedded.star", always_dict=True)["particles"]
+    assert "rlnMaxValueProbDistribution" not in embedded
+    general = _blocks(root, "model.star")["model_general"].iloc[0]
+    assert general["rlnAveragePmax"] == pytest.approx(embedded["tvaePoseConfidence"].mean())
+
+
 def test_relion_star_handler_selects_a_class(project):
     _relion("relion_star_handler")
     root, _ = project

@@ -317,7 +317,13 @@ def test_real_relion31_star_keeps_everything(tmp_path):
     assert set(OPTICS_NEEDED) <= set(before["optics"].columns) & set(after["optics"].columns)
     pd.testing.assert_frame_equal(after["optics"], before["optics"], check_dtype=False)
     p0, p1 = before["particles"], after["particles"]
-    assert list(p1.columns[: len(p0.columns) - 4]) == [c for c in p0.columns if c not in OUR_RLN]
+    ours = [*OUR_RLN, "rlnMaxValueProbDistribution"]  # RELION's, replaced by the class posterior
+    assert set(ours) <= set(p0.columns)
+    kept = [c for c in p0.columns if c not in ours]
+    assert list(p1.columns[: len(kept)]) == kept
+    assert (
+        (p1["rlnMaxValueProbDistribution"] >= 0.5) & (p1["rlnMaxValueProbDistribution"] <= 1)
+    ).all()
     for col in ("rlnDefocusU", "rlnAngleRot", "rlnMicrographName", "rlnCoordinateX"):
         pd.testing.assert_series_equal(p1[col], p0[col], check_dtype=False)
     assert p1["rlnImageName"].str.endswith("relion31.mrcs").all()

@@ -25,7 +25,7 @@ import torch
 from .ctf import batch_ctf
 from .data import BatchDataset, Normalisation, epoch_batches, make_loader
 from .errors import UserError
-from .export import CONFIDENCE, ELBO, particle_star_tables
+from .export import CLASS_PROBABILITY, CONFIDENCE, ELBO, particle_star_tables
 from .fourier import phase_flip
 from .geometry import align_images
 from .inference import Embedding
@@ -169,12 +169,14 @@ def class2d_result(
 
 
 def _relion2d_columns(new: pd.DataFrame) -> pd.DataFrame:
-    """Embed's columns plus the per-particle columns of a relion_refine 2D data star."""
+    """Embed's columns plus the per-particle columns of a relion_refine 2D data star;
+    rlnMaxValueProbDistribution is the class posterior embed wrote, else the pose confidence."""
     out = new.copy()
     out["rlnNormCorrection"] = 1.0
     if ELBO in new:
         out["rlnLogLikeliContribution"] = new[ELBO].to_numpy(np.float64)
-    out["rlnMaxValueProbDistribution"] = new[CONFIDENCE].to_numpy(np.float64)
+    if CLASS_PROBABILITY not in new:
+        out[CLASS_PROBABILITY] = new[CONFIDENCE].to_numpy(np.float64)
     out["rlnNrOfSignificantSamples"] = 1
     return out
 
@@ -208,7 +210,7 @@ def model_blocks(
         "rlnSigmaPriorTiltAngle": 0.0,
         "rlnSigmaPriorPsiAngle": 0.0,
         "rlnLogLikelihood": elbo,
-        "rlnAveragePmax": float(np.mean(emb.confidence)),
+        "rlnAveragePmax": float(np.mean(_max_probability(emb))),
     }
     name = project_path(classes_file)
     classes = pd.DataFrame(
@@ -225,6 +227,12 @@ def model_blocks(
         }
     )
     return {"model_general": pd.DataFrame([general]), "model_classes": classes}
+
+
+def _max_probability(emb: Embedding) -> np.ndarray:
+    """(n,) what the data star's rlnMaxValueProbDistribution holds (`_relion2d_columns`)."""
+    own = emb.class_probability()
+    return own if own is not None else emb.confidence
 
 
 @contextmanager

@@ -70,11 +70,17 @@ def assign_classes(z: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     return number_by_size(kmeans(z, k, n_init=10, seed=seed), k)
 
 
+def size_order(labels: np.ndarray, k: int) -> np.ndarray:
+    """(k,) the 0-based label that becomes class 1, 2, ..., k in `number_by_size`: per-class
+    columns (n, k) indexed by it, ``values[:, size_order(labels, k)]``, follow that numbering."""
+    sizes = np.bincount(np.asarray(labels, dtype=np.int64), minlength=k)
+    return np.argsort(-sizes, kind="stable")
+
+
 def number_by_size(labels: np.ndarray, k: int) -> np.ndarray:
     """0-based classes (n,) renumbered 1..k by decreasing size (class 1 largest; ties by label)."""
     labels = np.asarray(labels, dtype=np.int64)
-    sizes = np.bincount(labels, minlength=k)
-    order = np.argsort(-sizes, kind="stable")  # old label of new class 1, 2, ...
+    order = size_order(labels, k)  # old label of new class 1, 2, ...
     new_of_old = np.empty(k, np.int64)
     new_of_old[order] = np.arange(1, k + 1)
     return new_of_old[labels]
@@ -104,9 +110,17 @@ def soft_classes(
     for start in range(0, len(z), chunk):
         part = slice(start, start + chunk)
         logits = -_sq_dist(z[part], centres) / (2 * var[part, None])  # (B, k)
-        logits -= logits.max(1, keepdims=True)
-        p = np.exp(logits)
-        p /= p.sum(1, keepdims=True)
-        own[part] = p[np.arange(len(p)), labels[part]]
-        ess[part] = 1.0 / (p**2).sum(1)
+        own[part], ess[part] = class_probabilities(logits, labels[part] + 1)
     return own, ess
+
+
+def class_probabilities(log_post: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """From log class probabilities (n, k) (up to a constant per row; -inf: impossible) and the
+    1-based classes `labels` (n,): each particle's probability of its own class and the effective
+    number of classes 1 / sum_k p_k^2 (1: certain; 2: split evenly between two), cryoSPARC's
+    class_posterior and class_ess."""
+    logits = np.asarray(log_post, dtype=np.float64)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    own = p[np.arange(len(p)), np.asarray(labels, dtype=np.int64) - 1]
+    return own, 1.0 / (p**2).sum(1)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .class2d import class2d_result, class_averages, plan_class2d, written_class2d
-from .clustering import assign_classes, number_by_size
+from .clustering import assign_classes, number_by_size, size_order
 from .ctf import batch_ctf
 from .data import BatchDataset, check_num_workers, epoch_batches, make_loader
 from .errors import UserError
@@ -31,6 +31,7 @@ from .export import (
 from .fourier import fourier_pad
 from .geometry import object_centroid
 from .inference import (
+    TemplateClasses,
     class_mean_centres,
     classify_with_templates,
     object_centres,
@@ -189,7 +190,7 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
             if averages is None
             else object_centroid(torch.from_numpy(averages)).double().numpy()
         )
-        emb.labels = number_by_size(found.labels, opts.classes)
+        emb.labels, emb.class_log_post = numbered_classes(found, opts.classes)
         emb.centre = None if opts.recentre == "none" else centres[found.labels]
     else:
         emb.centre = _centres(model, emb, opts.recentre, dev)
@@ -213,6 +214,12 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
         write_outputs(plan, tables)
     outputs = plan.paths() + (c2d.paths() if c2d else [])
     return EmbedSummary(n, seconds, str(dev), outputs=outputs, classes=opts.classes)
+
+
+def numbered_classes(found: TemplateClasses, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The template classes 1-based and numbered by size (class 1 the largest), and their log
+    posterior (n, k) with the columns in that numbering (column j - 1 is class j)."""
+    return number_by_size(found.labels, k), found.log_post[:, size_order(found.labels, k)]
 
 
 def class_latents(z: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:

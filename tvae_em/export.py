@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .clustering import soft_classes
+from .clustering import class_probabilities, soft_classes
 from .errors import UserError
 from .geometry import cryosparc_pose
 from .inference import Embedding
@@ -39,6 +39,9 @@ Z_PREFIX = "tvaeZ"
 Z_SD_PREFIX = "tvaeZsd"
 CONFIDENCE = "tvaePoseConfidence"
 ELBO = "tvaeElbo"
+# RELION's per-particle probability of its best class (and pose) in a 2D classification; written
+# as the posterior probability of the particle's class where embed has one (class_log_post)
+CLASS_PROBABILITY = "rlnMaxValueProbDistribution"
 POSE_COLUMNS = ["rlnAnglePsi", "rlnOriginX", "rlnOriginY", "rlnOriginXAngst", "rlnOriginYAngst"]
 CS_ALIGN = "alignments2D/"
 KEPT_TVAE = {SOURCE_ROW, PHASE_FLIPPED}  # tvae columns of the input that embed leaves as they are
@@ -55,6 +58,9 @@ def embedding_columns(emb: Embedding) -> pd.DataFrame:
     }
     if labels is not None:
         cols["rlnClassNumber"] = labels.astype(np.int64)
+    own = emb.class_probability()
+    if own is not None:
+        cols[CLASS_PROBABILITY] = own
     for j in range(emb.z_mu.shape[1]):
         cols[f"{Z_PREFIX}{j + 1}"] = emb.z_mu[:, j].astype(np.float64)
     for j in range(emb.z_sd.shape[1]):
@@ -314,12 +320,17 @@ def star_cs_fields(stack: ParticleStack, rows: np.ndarray) -> np.ndarray:
 def alignments2d_fields(emb: Embedding, psize: np.ndarray) -> np.ndarray:
     """The alignments2D/* fields of a cryoSPARC 2D classification for the embedding: pose
     (radians) and shift (pixels of size ``psize`` (n,)) by `geometry.cryosparc_pose`, class
-    (0-based; 0 for all without classes) with its soft reading (`clustering.soft_classes`:
-    class_posterior, class_ess) and `ALIGNMENTS2D_UNMEASURED` for the rest."""
+    (0-based; 0 for all without classes) with its posterior probability and the effective number
+    of classes (class_posterior, class_ess: `clustering.class_probabilities` of the class posterior
+    `Embedding.class_log_post` where there is one, else of `clustering.soft_classes`' soft reading
+    of the classes in z) and `ALIGNMENTS2D_UNMEASURED` for the rest."""
     psi, origin = emb.relion_pose()
     pose, shift = cryosparc_pose(psi, origin, psize)
     labels = emb.labels if emb.labels is not None else np.ones(len(emb), np.int64)
-    posterior, ess = soft_classes(emb.z_mu, emb.z_sd, labels)
+    if emb.labels is not None and emb.class_log_post is not None:
+        posterior, ess = class_probabilities(emb.class_log_post, labels)
+    else:
+        posterior, ess = soft_classes(emb.z_mu, emb.z_sd, labels)
     columns = {
         **ALIGNMENTS2D_UNMEASURED,
         f"{CS_ALIGN}shift": shift,

@@ -21,7 +21,7 @@ from .class2d import class_averages, flip_function
 from .clustering import assign_classes
 from .ctf import CtfParams, batch_ctf
 from .errors import UserError
-from .export import embedding_columns, particle_star_tables
+from .export import CLASS_PROBABILITY, embedding_columns, particle_star_tables
 from .fourier import apply_ctf
 from .geometry import relion_pose
 from .inference import Embedding
@@ -333,8 +333,11 @@ def particle_class_outputs(
     if stack is None:
         return [csv]
     star = folder / "particle_classes.star"
-    classified = replace(emb, labels=labels)
+    same = emb.labels is not None and np.array_equal(labels, emb.labels)
+    classified = replace(emb, labels=labels, class_log_post=emb.class_log_post if same else None)
     particles, optics, text = particle_star_tables(stack, embedding_columns(classified))
+    if not same:  # re-clustered: an embedded star's class posterior is that of other classes
+        particles = particles.drop(columns=[CLASS_PROBABILITY], errors="ignore")
     write_star(star, {"optics": optics, "particles": particles}, text=text)
     return [csv, star]
 

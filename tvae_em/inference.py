@@ -16,6 +16,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from .clustering import class_probabilities
 from .errors import UserError
 from .geometry import relion_pose
 from .model.refine import RefineConfig, refine_poses
@@ -38,6 +39,9 @@ class Embedding:
     apix: np.ndarray | None = None  # (n,) pixel size (A) of the stack the model read
     box: int | None = None  # image side of that stack
     centre: np.ndarray | None = None  # (n, 2) px: object centre in the template frame (None: 0)
+    # (n, K) log posterior of the classes (column k-1: class k of `labels`); None without one
+    # (no classes, or k-means classes)
+    class_log_post: np.ndarray | None = None
 
     @classmethod
     def empty(cls, n: int, z_dim: int) -> Embedding:
@@ -98,11 +102,19 @@ class Embedding:
             raise ValueError("Embedding.relion_pose needs the pixel sizes (apix)")
         return relion_pose(self.theta, self.shift, self.apix)
 
+    def class_probability(self) -> np.ndarray | None:
+        """(n,) posterior probability of each particle's own class (`class_log_post`); None when
+        there is no class posterior."""
+        if self.class_log_post is None or self.labels is None:
+            return None
+        return class_probabilities(self.class_log_post, self.labels)[0]
+
     # ---- the npz form (docs/outputs.md) ------------------------------------------------------
     def npz_arrays(self) -> dict[str, np.ndarray]:
-        """The arrays of embedded.npz."""
+        """The arrays of embedded.npz (`class_log_post` only when there is a class posterior)."""
         psi, origin = self.relion_pose()
         n = len(self)
+        extra = {} if self.class_log_post is None else {"class_log_post": self.class_log_post}
         return {
             "z_mu": self.z_mu,
             "z_sd": self.z_sd,
@@ -118,6 +130,7 @@ class Embedding:
             "indices": np.arange(n, dtype=np.int64),
             "apix": np.asarray(self.apix, dtype=np.float64),
             "box": np.int64(self.box),
+            **extra,
         }
 
     def save_npz(self, file: str | os.PathLike | BinaryIO) -> None:
@@ -161,9 +174,24 @@ class Embedding:
             apix=np.broadcast_to(np.asarray(data["apix"], np.float64), (n,)).copy(),
             box=int(data["box"]) if "box" in data else None,
             centre=np.asarray(data["centre_px"], np.float64) if "centre_px" in data else None,
+            class_log_post=_class_log_post(data, labels, path),
         )
         emb.check_finite(f"--embedding {path}", "re-embed those particles with tvae-em embed")
         return emb
+
+
+def _class_log_post(data: dict, labels: np.ndarray, path: Path) -> np.ndarray | None:
+    """The npz's class_log_post (n, K) checked against its classes; None when it has none."""
+    if "class_log_post" not in data:
+        return None
+    log_post = np.asarray(data["class_log_post"], dtype=np.float64)
+    n, k = len(labels), int(labels.max(initial=0))
+    if log_post.ndim != 2 or log_post.shape[0] != n or log_post.shape[1] < max(k, 1):
+        raise UserError(
+            f"--embedding {path}: class_log_post has shape {log_post.shape} but the npz has "
+            f"{n} particles in classes up to {k} (not written by tvae-em embed)"
+        )
+    return log_post
 
 
 def _sigma(model: torch.nn.Module) -> float:

@@ -18,6 +18,7 @@ import pandas as pd
 
 from .errors import UserError
 from .export import (
+    CLASS_PROBABILITY,
     CONFIDENCE,
     ELBO,
     KEPT_TVAE,
@@ -227,9 +228,9 @@ def select_particles(opts: SelectOptions) -> SelectSummary:
 
 
 def _embed_columns(particles: pd.DataFrame) -> list[str]:
-    """The columns embed wrote: pose, class and tvae* (carried to the full-size star); not
-    those embed leaves as they are (preprocess's, which describe EMBEDDED's own stack)."""
-    own = [c for c in [*POSE_COLUMNS, CLASS] if c in particles]
+    """The columns embed wrote: pose, class, its posterior and tvae* (carried to the full-size
+    star); not those embed leaves as they are (preprocess's, which describe EMBEDDED's stack)."""
+    own = [c for c in [*POSE_COLUMNS, CLASS, CLASS_PROBABILITY] if c in particles]
     return own + [c for c in particles.columns if c.startswith("tvae") and c not in KEPT_TVAE]
 
 

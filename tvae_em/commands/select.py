@@ -21,7 +21,8 @@ from .options import datadir_option, out_option
 @click.option(
     "--min-confidence",
     type=float,
-    help="Keep particles whose tvaePoseConfidence is at least this (0-1).",
+    help="Keep particles whose pose confidence tvaePoseConfidence is at least this (0-1; not "
+    "the class posterior rlnMaxValueProbDistribution).",
 )
 @click.option(
     "--elbo-quantile",
