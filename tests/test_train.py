@@ -53,9 +53,10 @@ def test_train_writes_run_folder(glyph_star, tmp_path):
     assert list(m["epoch"]) == [1, 2]
     assert {"loss", "log_lik", "kl_tr", "kl_theta", "kl_z", "lr", "particles_per_s"} <= set(m)
     assert np.isfinite(m[["loss", "log_lik", "kl_tr", "kl_theta", "kl_z"]].to_numpy()).all()
-    # loss = -(log_lik - KL) per image, averaged over the epoch
+    # loss = -(log_lik - KL) + pose-consistency penalty per image, averaged over the epoch
     kl = m["kl_tr"] + m["kl_theta"] + m["kl_z"]
-    np.testing.assert_allclose(m["loss"], -(m["log_lik"] - kl), rtol=1e-4)
+    assert (m["consistency"] > 0).all()  # on by default
+    np.testing.assert_allclose(m["loss"], -(m["log_lik"] - kl) + m["consistency"], rtol=1e-4)
     assert (run / "checkpoints" / "best.pt").exists()
     assert "epoch 2/2" in (run / "train.log").read_text()
 
@@ -111,7 +112,7 @@ def test_nan_loss_stops_with_epoch_and_step(glyph_star, tmp_path, monkeypatch):
         out = original(self, y, ctf, **kw)
         calls["n"] += 1
         if calls["n"] == 5:  # epoch 2 (3 steps per epoch), step 2
-            out["elbo"] = out["elbo"] * float("nan")
+            out["objective"] = out["objective"] * float("nan")
         return out
 
     monkeypatch.setattr(TargetVAE, "forward", poisoned)
