@@ -71,7 +71,7 @@ from .options import (
 @click.option(
     "--angle-consistency",
     type=float,
-    default=1000.0,
+    default=0.0,
     show_default=True,
     help="Training penalty (nats) on 1 - cos of the encoder's angle error when the image is "
     "turned within a rotation bin; 0 turns it off.",
@@ -79,7 +79,7 @@ from .options import (
 @click.option(
     "--z-consistency",
     type=float,
-    default=10.0,
+    default=0.0,
     show_default=True,
     help="Training penalty (nats per unit^2) on z's change when the image is turned within a "
     "rotation bin (keeps z for the object, not its angle); 0 turns it off.",

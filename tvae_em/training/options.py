@@ -13,8 +13,8 @@ from ..errors import UserError
 
 # Pose-consistency weights (model.consistency; docs/model.md, "Pose consistency"): nats per unit
 # of 1 - cos(angle error) and per unit^2 of z change under an in-bin turn of the input.
-ANGLE_CONSISTENCY = 1000.0
-Z_CONSISTENCY = 10.0
+ANGLE_CONSISTENCY = 0.0
+Z_CONSISTENCY = 0.0
 
 
 @dataclass
