@@ -77,7 +77,7 @@ def make_step(box: int, args, overrides: dict, with_ctf: bool, k_max):
     def step() -> None:
         ctf = batch_ctf(params, apix, idx, box, device) if with_ctf else None
         with amp:
-            loss = -model(y, ctf=ctf, k_max=k_max)["elbo"].mean()
+            loss = -model(y, ctf=ctf, k_max=k_max)["objective"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

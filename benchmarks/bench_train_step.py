@@ -59,7 +59,7 @@ def bench(box: int, args: argparse.Namespace, overrides: dict) -> dict:
 
     def step() -> None:
         with amp:
-            loss = -model(y)["elbo"].mean()
+            loss = -model(y)["objective"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -100,7 +100,7 @@ def bf16_training(box: int, batch: int, steps: int, device: torch.device) -> dic
         trace = []
         for _ in range(steps):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = -model(y, ctf=ctf)["elbo"].float().mean()
+                loss = -model(y, ctf=ctf)["objective"].float().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -125,7 +125,7 @@ def train_throughput(
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = -step_model(y, ctf=ctf)["elbo"].float().mean()
+            loss = -step_model(y, ctf=ctf)["objective"].float().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

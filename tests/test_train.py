@@ -42,20 +42,23 @@ def state(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_train_writes_run_folder(glyph_star, tmp_path):
-    res = train(tiny_options(glyph_star, tmp_path / "run"), log=lambda m: None)
+    opts = tiny_options(glyph_star, tmp_path / "run", angle_consistency=50.0, z_consistency=5.0)
+    res = train(opts, log=lambda m: None)
     run = tmp_path / "run"
     assert res.epochs_done == 2 and not res.interrupted
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["options"]["z_dim"] == 2 and cfg["model_config"]["box"] == BOX
+    assert cfg["model_config"]["consistency_theta"] == 50.0
     assert cfg["model_config"]["likelihood"] == "bernoulli"  # glyphs lie in [0, 1]
     assert cfg["version"] and cfg["command"] and cfg["fingerprint"]
     m = pd.read_csv(run / "metrics.csv")
     assert list(m["epoch"]) == [1, 2]
     assert {"loss", "log_lik", "kl_tr", "kl_theta", "kl_z", "lr", "particles_per_s"} <= set(m)
     assert np.isfinite(m[["loss", "log_lik", "kl_tr", "kl_theta", "kl_z"]].to_numpy()).all()
-    # loss = -(log_lik - KL) per image, averaged over the epoch
+    # loss = -(log_lik - KL) + pose-consistency penalty per image, averaged over the epoch
     kl = m["kl_tr"] + m["kl_theta"] + m["kl_z"]
-    np.testing.assert_allclose(m["loss"], -(m["log_lik"] - kl), rtol=1e-4)
+    assert (m["consistency"] > 0).all()  # asked for
+    np.testing.assert_allclose(m["loss"], -(m["log_lik"] - kl) + m["consistency"], rtol=1e-4)
     assert (run / "checkpoints" / "best.pt").exists()
     assert "epoch 2/2" in (run / "train.log").read_text()
 
@@ -111,7 +114,7 @@ def test_nan_loss_stops_with_epoch_and_step(glyph_star, tmp_path, monkeypatch):
         out = original(self, y, ctf, **kw)
         calls["n"] += 1
         if calls["n"] == 5:  # epoch 2 (3 steps per epoch), step 2
-            out["elbo"] = out["elbo"] * float("nan")
+            out["objective"] = out["objective"] * float("nan")
         return out
 
     monkeypatch.setattr(TargetVAE, "forward", poisoned)

@@ -52,6 +52,7 @@ METRIC_FIELDS = [
     "kl_tr",
     "kl_theta",
     "kl_z",
+    "consistency",
     "lr",
     "particles_per_s",
     "seconds",

@@ -69,6 +69,22 @@ from .options import (
     "--tau", type=float, default=1.0, show_default=True, help="Gumbel-softmax temperature."
 )
 @click.option(
+    "--angle-consistency",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Training penalty (nats) on 1 - cos of the encoder's angle error when the image is "
+    "turned within a rotation bin; 0 turns it off.",
+)
+@click.option(
+    "--z-consistency",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Training penalty (nats per unit^2) on z's change when the image is turned within a "
+    "rotation bin (keeps z for the object, not its angle); 0 turns it off.",
+)
+@click.option(
     "--pixel-fraction",
     type=float,
     help="Real-space renderer: pixels scored per step (unbiased subsample).",

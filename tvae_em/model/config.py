@@ -53,6 +53,8 @@ class ModelConfig:
     renderer: str = "real"  # "real": generator on pixels; "fourier": on frequencies (docs/model.md)
     spectral_extent_px: float | None = None  # Fourier renderer: feature positions' sd; 0.25 * box
     tau: float = 1.0  # Gumbel-softmax temperature
+    consistency_theta: float = 0.0  # training penalty weight on the angle under in-bin turns
+    consistency_z: float = 0.0  # training penalty weight on z under in-bin turns
     seed: int = 0  # seed of the fixed random initialisation (Fourier features, weights)
 
     def __post_init__(self) -> None:
@@ -99,6 +101,10 @@ class ModelConfig:
                 f"pixel_fraction must be in (0, 1], got {self.pixel_fraction}",
             ),
             (self.tau > 0, f"Gumbel-softmax temperature must be > 0, got {self.tau}"),
+            (
+                self.consistency_theta >= 0 and self.consistency_z >= 0,
+                "--pose-consistency weights must be >= 0",
+            ),
             (self.renderer in RENDERERS, f"--renderer must be one of {RENDERERS}"),
             (
                 self.renderer == "real" or self.likelihood == "gaussian",

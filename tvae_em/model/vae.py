@@ -15,6 +15,7 @@ from ..errors import UserError
 from ..fourier import apply_ctf
 from ..geometry import object_centroid, pixel_grid, undo_pose
 from .config import ModelConfig
+from .consistency import pose_consistency
 from .encoder import EquivariantEncoder
 from .generator import SpatialGenerator
 from .likelihood import PixelLikelihood
@@ -160,13 +161,25 @@ class TargetVAE(nn.Module):
     def forward(
         self, y: torch.Tensor, ctf: torch.Tensor | None = None, k_max: float | None = None
     ) -> dict[str, torch.Tensor]:
-        """One-sample ELBO: y (B, D, D) -> dict of (B,) elbo, log_lik, kl_tr, kl_theta, kl_z.
+        """One-sample ELBO: y (B, D, D) -> dict of (B,) elbo, log_lik, kl_tr, kl_theta, kl_z,
+        consistency and objective (what training maximises: elbo - consistency).
 
         In training mode without a CTF the real-space likelihood uses `pixel_fraction` of the
         pixels; the Fourier renderer scores the band |k| <= k_max cycles/pixel (None: Nyquist).
+        The pose-consistency penalty (`model.consistency`) is computed in training mode only.
         """
         fraction = self.cfg.pixel_fraction if self.training else 1.0
-        return self._elbo(y, self.posterior(y), ctf, fraction, k_max)
+        post = self.posterior(y)
+        out = self._elbo(y, post, ctf, fraction, k_max)
+        cfg = self.cfg
+        if self.training and (cfg.consistency_theta > 0 or cfg.consistency_z > 0):
+            out["consistency"] = pose_consistency(
+                self.posterior, y, post, cfg.rotations, cfg.consistency_theta, cfg.consistency_z
+            )
+        else:
+            out["consistency"] = torch.zeros_like(out["elbo"])
+        out["objective"] = out["elbo"] - out["consistency"]
+        return out
 
     def embed(
         self, y: torch.Tensor, with_elbo: bool = False, ctf: torch.Tensor | None = None

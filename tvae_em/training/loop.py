@@ -21,7 +21,7 @@ from ..run import MetricsLog, checkpoint_payload
 from ..runtime import rng_state
 from .setup import TrainingSetup
 
-TERMS = ("loss", "log_lik", "kl_tr", "kl_theta", "kl_z")
+TERMS = ("loss", "log_lik", "kl_tr", "kl_theta", "kl_z", "consistency")
 
 
 class TrainingDiverged(Exception):
@@ -197,7 +197,7 @@ def _run_epoch(s: TrainingSetup, loader, epoch: int, advance, n_steps: int):
         k_max = s.band.k_max(epoch - 1 + (step - 1) / n_steps)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.use_amp):
             out = model(y, ctf=ctf, k_max=k_max)
-        loss = -out["elbo"].float().mean()
+        loss = -out["objective"].float().mean()
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"the loss became {loss.item()} in epoch {epoch}, step {step}; the last good "

@@ -11,6 +11,11 @@ import torch
 
 from ..errors import UserError
 
+# Pose-consistency weights (model.consistency; docs/model.md, "Pose consistency"): nats per unit
+# of 1 - cos(angle error) and per unit^2 of z change under an in-bin turn of the input.
+ANGLE_CONSISTENCY = 0.0
+Z_CONSISTENCY = 0.0
+
 
 @dataclass
 class TrainOptions:
@@ -29,6 +34,8 @@ class TrainOptions:
     likelihood: str = "auto"
     ctf: str = "auto"
     tau: float = 1.0
+    angle_consistency: float = ANGLE_CONSISTENCY
+    z_consistency: float = Z_CONSISTENCY
     pixel_fraction: float | None = None
     seed: int = 0
     device: str = "auto"
@@ -65,6 +72,12 @@ class TrainOptions:
         ):
             if not isinstance(value, int) or value < 1:
                 raise UserError(f"{option} {value}: must be at least 1")
+        for option, value in (
+            ("--angle-consistency", self.angle_consistency),
+            ("--z-consistency", self.z_consistency),
+        ):
+            if not _is_number(value) or not (math.isfinite(value) and value >= 0):
+                raise UserError(f"{option} {value}: must be a number >= 0 (0 turns it off)")
         fraction = self.pixel_fraction
         if fraction is not None and not (_is_number(fraction) and 0 < fraction <= 1):
             raise UserError(f"--pixel-fraction {fraction}: must be in (0, 1]")
@@ -162,6 +175,8 @@ def model_config(opts: TrainOptions, stack) -> dict[str, Any]:
         "r_prior_sd": math.radians(opts.r_prior_sd_deg),
         "likelihood": likelihood,
         "tau": opts.tau,
+        "consistency_theta": opts.angle_consistency,
+        "consistency_z": opts.z_consistency,
         "seed": opts.seed,
     }
     if opts.pixel_fraction is not None:
