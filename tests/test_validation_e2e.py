@@ -1,9 +1,11 @@
 """End to end through the real CLI: simulate -> preprocess -> train -> embed, scored against truth.
 
 A tiny glyph set (3 asymmetric letters F, L, P at 16 x 16 px, uniform in-plane rotation, Gaussian
-shifts) is preprocessed, trained for 6 epochs (96 steps) with the default model and embedded; the
+shifts) is preprocessed, trained for 8 epochs (128 steps) with the default model and embedded; the
 embed output must beat chance clearly on the paper's metrics (scored by benchmarks/validate.py,
-the same code as the benchmarks). Thresholds: measured over seeds 0-2, with a margin.
+the same code as the benchmarks). Thresholds: measured over seeds 0-2, with a margin. Seeds 0 and
+2 pass with 1 and 2 torch threads; seed 1 does not (two of its three classes are not aligned after
+128 steps, with the code before the shift window too): a known weakness of short trainings.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from click.testing import CliRunner
 from tvae_em.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SEED = int(os.environ.get("TVAE_E2E_SEED", "0"))  # the thresholds hold for seeds 0, 1, 2
-N, BOX, CLASSES, EPOCHS = 256, 16, 3, 6
+SEED = int(os.environ.get("TVAE_E2E_SEED", "0"))  # the thresholds hold for seeds 0 and 2
+N, BOX, CLASSES, EPOCHS = 256, 16, 3, 8
 
 
 def _validate_module():
@@ -61,10 +63,10 @@ def run_e2e(tmp: Path, seed: int = SEED) -> dict:
 
 
 def test_cli_pipeline_scores_above_chance(tmp_path: Path) -> None:
-    """Measured over seeds 0, 1, 2 (docs/results.md): per-class rotation cc median >= 0.83 and
-    mean >= 0.47 (one class of one seed stuck at -0.35 after 96 steps), shift r >= 0.78,
-    clustering 60-75% (chance about 37% with Hungarian matching on 256), class averages 0.15-0.22
-    above the random-pose floor. The thresholds keep a margin below every one of those."""
+    """Measured over seeds 0, 1, 2 at 96 steps (docs/results.md): per-class rotation cc median
+    >= 0.83 and mean >= 0.47, shift r >= 0.78, clustering 60-75% (chance about 37% with Hungarian
+    matching on 256), class averages 0.15-0.22 above the random-pose floor; now 128 steps, and
+    seeds 0 and 2 clear the thresholds (seed 1 does not: docs/results.md, session 4)."""
     s = run_e2e(tmp_path)
     summary = {k: v for k, v in s.items() if not k.startswith("_")}
     per_class = list(s["rot_cc_class"].values())
