@@ -20,16 +20,12 @@ from collections.abc import Callable
 import torch
 
 from ..geometry import transform_images
-from .posterior import CellPosterior, bin_angles
+from .posterior import CellPosterior, weighted_pose
 
 
 def posterior_mean_pose(post: CellPosterior, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior-mean angle (B,) rad (circular mean of o_r + theta_mu over q) and z (B, Z)."""
-    q = post.log_q.exp()  # (B, M)
-    cells_per_bin = q.shape[1] // n
-    ang = bin_angles(n, q.device).repeat_interleave(cells_per_bin)[None] + post.theta_mu
-    theta = torch.atan2((q * torch.sin(ang)).sum(1), (q * torch.cos(ang)).sum(1))
-    return theta, torch.einsum("bm,bzm->bz", q, post.z_mu)
+    return weighted_pose(post, post.log_q.exp(), n)
 
 
 def in_bin_turns(batch: int, n: int, device=None) -> torch.Tensor:

@@ -98,6 +98,18 @@ def kl_terms(
     return kl_tr, (q * kl_theta_cell).sum(1), (q * kl_z_cell).sum(1)
 
 
+def weighted_pose(
+    post: CellPosterior, w: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Angle (B,) rad and z (B, Z) averaged over the cells with weights w (B, M): the circular
+    mean of the cells' angles o_r + theta_mu (so bins 0 and N-1 do not average to pi) and the
+    weighted mean of z_mu."""
+    cells_per_bin = w.shape[1] // n
+    ang = bin_angles(n, w.device).repeat_interleave(cells_per_bin)[None] + post.theta_mu  # (B, M)
+    theta = torch.atan2((w * torch.sin(ang)).sum(1), (w * torch.cos(ang)).sum(1))
+    return theta, torch.einsum("bm,bzm->bz", w, post.z_mu)
+
+
 def sample_pose_latent(
     post: CellPosterior, n: int, side: int, tau: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,12 +123,9 @@ def sample_pose_latent(
     logits = post.logits
     u = torch.rand_like(logits).clamp(1e-10, 1.0 - 1e-7)
     w = F.softmax((logits - torch.log(-torch.log(u))) / tau, dim=1)  # (B, M)
-    z_mean = torch.einsum("bm,bzm->bz", w, post.z_mu)
+    theta_mean, z_mean = weighted_pose(post, w, n)
     z_sd = torch.einsum("bm,bzm->bz", w, post.z_logsd.exp())
     z = z_mean + z_sd * torch.randn_like(z_sd)
-    o = bin_angles(n, logits.device).repeat_interleave(side * side)  # (M,)
-    ang = o[None] + post.theta_mu  # (B, M)
-    theta_mean = torch.atan2((w * torch.sin(ang)).sum(1), (w * torch.cos(ang)).sum(1))
     theta_sd = (w * post.theta_logsd.exp()).sum(1)
     theta = theta_mean + theta_sd * torch.randn_like(theta_sd)
     t = w @ cell_shifts(n, side, logits.device)  # (B, 2)
