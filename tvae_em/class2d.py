@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from .ctf import batch_ctf
-from .data import BatchDataset, Normalisation, epoch_batches, make_loader
+from .data import BatchDataset, Normalisation, make_loader
 from .errors import UserError
 from .export import CLASS_PROBABILITY, CONFIDENCE, ELBO, particle_star_tables
 from .fourier import phase_flip
@@ -56,6 +56,29 @@ def flip_function(stack: ParticleStack, params=None) -> Callable[[np.ndarray], t
     return lambda idx: batch_ctf(params, apix, idx, stack.box)
 
 
+def aligned_batches(
+    stack,
+    norm: Normalisation,
+    theta: np.ndarray,
+    t_px: np.ndarray,
+    indices: np.ndarray | None = None,
+    batch_size: int = 256,
+    flip_for: Callable[[np.ndarray], torch.Tensor] | None = None,
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """(idx (B,), aligned (B, D, D)) over `indices` (all particles by default): each particle
+    normalised, phase-flipped where `flip_for(idx)` gives its CTF, and turned and shifted back
+    by its pose (theta (n,) rad, t_px (n, 2)), so that every particle lies in its template's frame.
+    """
+    indices = np.arange(len(stack)) if indices is None else np.asarray(indices, dtype=np.int64)
+    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    for idx, y in make_loader(BatchDataset(stack, norm), batches, 0):
+        i = idx.numpy()
+        if flip_for is not None:
+            y = phase_flip(y, flip_for(i))
+        th = torch.as_tensor(theta[i], dtype=torch.float32)
+        yield i, align_images(y, th, torch.as_tensor(t_px[i], dtype=torch.float32))
+
+
 def class_averages(
     stack,
     norm: Normalisation,
@@ -74,15 +97,7 @@ def class_averages(
     d = stack.box
     sums = torch.zeros(k, d, d, dtype=torch.float64)
     counts = np.bincount(labels, minlength=k)
-    loader = make_loader(
-        BatchDataset(stack, norm), epoch_batches(len(stack), batch_size, 0, 0, False), 0
-    )
-    for idx, y in loader:
-        i = idx.numpy()
-        if flip_for is not None:
-            y = phase_flip(y, flip_for(i))
-        th = torch.as_tensor(theta[i], dtype=torch.float32)
-        aligned = align_images(y, th, torch.as_tensor(t_px[i], dtype=torch.float32))  # (B, D, D)
+    for i, aligned in aligned_batches(stack, norm, theta, t_px, None, batch_size, flip_for):
         sums.index_add_(0, torch.as_tensor(labels[i]), aligned.double())
         if advance is not None:
             advance(len(i))

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .class2d import class2d_result, class_averages, plan_class2d, written_class2d
+from .class2d import class2d_result, plan_class2d, written_class2d
+from .classification import SplitMove, TemplateEM
 from .clustering import assign_classes, number_by_size, size_order
 from .ctf import batch_ctf
 from .data import BatchDataset, check_num_workers, epoch_batches, make_loader
@@ -28,7 +29,6 @@ from .export import (
     plan_outputs,
     write_outputs,
 )
-from .fourier import fourier_pad
 from .geometry import object_centroid
 from .inference import (
     TemplateClasses,
@@ -69,6 +69,7 @@ class EmbedOptions:
     refine: bool = True
     classify: str = "templates"
     class_rounds: int = 2
+    class_moves: int = 3
     voltage: float = OpticsDefaults.voltage
     spherical_aberration: float = OpticsDefaults.spherical_aberration
     amplitude_contrast: float = OpticsDefaults.amplitude_contrast
@@ -87,6 +88,7 @@ class EmbedSummary:
     device: str
     outputs: list[Path] = field(default_factory=list)
     classes: int | None = None
+    moves: list[SplitMove] = field(default_factory=list)
 
     @property
     def particles_per_s(self) -> float:
@@ -95,9 +97,11 @@ class EmbedSummary:
     def line(self) -> str:
         """One-line summary for the terminal."""
         files = ", ".join(str(p) for p in self.outputs)
+        kept = sum(m.accepted for m in self.moves)
+        split = f", split-and-merge moves kept {kept} of {len(self.moves)}" if self.moves else ""
         return (
             f"embedded {self.n} particles in {self.seconds:.1f} s "
-            f"({self.particles_per_s:.1f} particles/s, {self.device}) -> {files}"
+            f"({self.particles_per_s:.1f} particles/s, {self.device}{split}) -> {files}"
         )
 
 
@@ -123,6 +127,8 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
         raise UserError(f"--classify {opts.classify}: must be one of {', '.join(CLASSIFY_MODES)}")
     if opts.class_rounds < 0:
         raise UserError(f"--class-rounds {opts.class_rounds}: must be 0 or more")
+    if opts.class_moves < 0:
+        raise UserError(f"--class-moves {opts.class_moves}: must be 0 or more")
     if opts.batch_size < 1:
         raise UserError(f"--batch-size {opts.batch_size}: must be at least 1")
     orig, rows = (
@@ -161,6 +167,7 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
     emb.check_finite(input, f"the model of {run_dir} gives NaN for it (a diverged checkpoint?)")
 
     emb.apix, emb.box = apix, stack.box
+    moves: list[SplitMove] = []
     if opts.classes:
         emb.labels = assign_classes(emb.z_mu, opts.classes, opts.seed)
     if by_templates:
@@ -171,19 +178,13 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
                 model, loader, n, z_classes, dev, ctf_for, RefineConfig(), advance
             )
             seconds += time.perf_counter() - t0
-        averages = None
-        for r in range(opts.class_rounds):  # M-step: the aligned class averages as templates
-            averages, _ = class_averages(
-                stack, trained.normalisation, found.theta, found.t, found.labels,
-                opts.classes, flip_for=ctf_for,
-            )  # fmt: skip
-            with progress(n, f"classify, round {r + 2}") as advance:
-                t0 = time.perf_counter()
-                fine = fourier_pad(averages, 2 * stack.box)  # (K, 2D, 2D)
-                found = classify_with_templates(
-                    model, loader, n, None, dev, ctf_for, RefineConfig(), advance, images=fine
-                )
-                seconds += time.perf_counter() - t0
+        em = TemplateEM(
+            model, loader, stack, trained.normalisation, opts.classes, dev, ctf_for, opts.seed,
+            progress,
+        )  # fmt: skip
+        result = em.run(found, opts.class_rounds, opts.class_moves)
+        seconds += em.seconds
+        found, averages, moves = result.found, result.averages, result.moves
         emb.theta, emb.t = found.theta, found.t
         centres = (  # (K, 2): the centre of each class's final template
             object_centres(model, z_classes, dev)
@@ -213,7 +214,7 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
     with written_class2d(c2d, c2d_result):  # renamed with the other files: all or none
         write_outputs(plan, tables)
     outputs = plan.paths() + (c2d.paths() if c2d else [])
-    return EmbedSummary(n, seconds, str(dev), outputs=outputs, classes=opts.classes)
+    return EmbedSummary(n, seconds, str(dev), outputs=outputs, classes=opts.classes, moves=moves)
 
 
 def numbered_classes(found: TemplateClasses, k: int) -> tuple[np.ndarray, np.ndarray]:

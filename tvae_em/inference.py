@@ -234,6 +234,11 @@ class TemplateClasses:
     theta: np.ndarray  # (n,) rad, pose against the winning class's template
     t: np.ndarray  # (n, 2) px
     log_post: np.ndarray  # (n, K)
+    score: np.ndarray | None = None  # (n,) the winning class's aligned log-likelihood, nats
+
+    def total(self) -> float:
+        """The summed log-likelihood of every particle under its class: what EM raises."""
+        return float(self.score.sum())
 
 
 def classify_with_templates(
@@ -287,7 +292,7 @@ def classify_with_templates(
     log_post = scores - scores.max(1, keepdims=True)
     log_post -= np.log(np.exp(log_post).sum(1, keepdims=True))
     best = poses[np.arange(n), labels]
-    return TemplateClasses(labels, best[:, 0], best[:, 1:], log_post)
+    return TemplateClasses(labels, best[:, 0], best[:, 1:], log_post, scores.max(1))
 
 
 def _fixed_image(image: torch.Tensor) -> Callable:

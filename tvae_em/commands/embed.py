@@ -88,6 +88,15 @@ from .options import (
     "phase-flipped class averages (the M-step of a 2D classification) and re-assign classes.",
 )
 @click.option(
+    "--class-moves",
+    type=int,
+    default=3,
+    show_default=True,
+    help="With --classify templates: then up to this many split-and-merge moves, each "
+    "re-seeding the cheapest class to remove with half of the class whose split explains most, "
+    "kept only if the summed log-likelihood rises (recovers a lost class; 0: none).",
+)
+@click.option(
     "--refine/--no-refine",
     default=True,
     show_default=True,
