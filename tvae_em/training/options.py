@@ -26,7 +26,7 @@ class TrainOptions:
     z_dim: int = 2
     rotations: int = 8
     epochs: int = 20
-    batch_size: int = 64
+    batch_size: int = 16
     lr: float = 1e-3
     t_sd: str | None = None
     r_prior: str = "uniform"
