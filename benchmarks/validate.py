@@ -565,7 +565,7 @@ def common(f):
         click.option("--z-dim", type=int, default=2, show_default=True),
         click.option("--rotations", type=int, default=8, show_default=True),
         click.option("--epochs", type=int, default=5, show_default=True),
-        click.option("--batch-size", type=int, default=64, show_default=True),
+        click.option("--batch-size", type=int, default=16, show_default=True),  # train's default
         click.option("--lr", type=float, default=1e-3, show_default=True),
         click.option("--pixel-fraction", type=float, default=None),
         click.option("--renderer", type=click.Choice(["auto", "real", "fourier"]), default="auto"),
