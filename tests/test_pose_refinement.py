@@ -88,3 +88,32 @@ def test_refinement_uses_each_particles_ctf(posed):
     theta, _, _ = refine_poses(glyph_render, observed, posed["z"], start, None, 3.0)
     assert np.median(with_ctf) < 1.0, with_ctf
     assert np.median(with_ctf) < np.median(_errors(theta, posed["theta"]))
+
+
+@pytest.mark.parametrize("box", [24, 25])
+def test_search_scores_from_spectra_equal_those_of_the_ctf_images(box):
+    # the search multiplies the turned templates' real FFTs by the CTF (no FFT round trip) and
+    # takes their energies by Parseval: the same scores as the CTF images scored directly
+    from tvae_em.fourier import apply_ctf
+    from tvae_em.model.refine import _energy, _model_spectra, score_poses, score_spectra
+
+    n = 3
+    gen = torch.Generator().manual_seed(0)
+    fine = torch.randn(n, 2 * box, 2 * box, generator=gen)
+    y = torch.randn(n, box, box, generator=gen)
+    params = CtfParams(
+        dfu_A=np.array([8e3, 12e3, 20e3]), dfv_A=np.array([7e3, 11e3, 18e3]),
+        dfang_deg=np.array([10.0, 45.0, 80.0]), volt_kv=np.full(n, 300.0),
+        cs_mm=np.full(n, 2.7), amp_contrast=np.full(n, 0.1), phase_shift_deg=np.zeros(n),
+        bfactor=np.zeros(n),
+    )  # fmt: skip
+    ctf = batch_ctf(params, np.full(n, 3.0), np.arange(n), box).float()
+    angles = torch.rand(n, 4, generator=gen) * 6.3
+    prior = torch.zeros(box, box)
+    images = rotated_templates(fine, angles, box)
+    direct = score_poses(y, apply_ctf(images.reshape(-1, box, box), ctf.repeat_interleave(4, 0))
+                         .reshape(n, 4, box, box), prior, 1.0)  # fmt: skip
+    fm = _model_spectra(fine, ctf, angles, box)
+    spectral = score_spectra(torch.fft.rfft2(y), fm, _energy(fm, box), prior, 1.0)
+    scale = direct.abs().max()
+    assert (spectral - direct).abs().max() < 1e-4 * scale

@@ -262,11 +262,12 @@ def classify_with_templates(
     config = config or RefineConfig()
     scores = np.full((n, k), -np.inf)
     poses = np.zeros((n, k, 3))
-    zc = torch.as_tensor(z_classes, dtype=torch.float32, device=device) if images is None else None
     fine = (
-        torch.as_tensor(images, dtype=torch.float32, device=device) if images is not None else None
-    )
-    empty = [] if fine is None else [c for c in range(k) if not bool(fine[c].abs().sum() > 0)]
+        torch.as_tensor(images, dtype=torch.float32, device=device)
+        if images is not None
+        else model_templates(model, z_classes, device)
+    )  # (K, 2D, 2D)
+    empty = [c for c in range(k) if not bool(fine[c].abs().sum() > 0)] if images is not None else []
     with torch.inference_mode():
         for idx, y in loader:
             i = idx.numpy()
@@ -276,10 +277,7 @@ def classify_with_templates(
             for c in range(k):
                 if c in empty:
                     continue
-                if fine is None:
-                    render, z = model.render, zc[c].expand(len(i), -1)
-                else:
-                    render, z = _fixed_image(fine[c]), torch.zeros(len(i), 1, device=device)
+                render, z = _fixed_image(fine[c]), torch.zeros(len(i), 1, device=device)
                 theta, t, value = refine_poses(
                     render, y, z, start, ctf, model.cfg.t_sd_px, _sigma(model), config
                 )
@@ -293,6 +291,16 @@ def classify_with_templates(
     log_post -= np.log(np.exp(log_post).sum(1, keepdims=True))
     best = poses[np.arange(n), labels]
     return TemplateClasses(labels, best[:, 0], best[:, 1:], log_post, scores.max(1))
+
+
+def model_templates(model: torch.nn.Module, z: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(K, 2D, 2D) the model's noise-free, CTF-free templates of latents z (K, Z) at pose 0,
+    rendered once at twice the box (the grid `refine_poses` turns them on)."""
+    zc = torch.as_tensor(z, dtype=torch.float32, device=device)
+    zero = zc.new_zeros(len(zc))
+    with torch.inference_mode(), torch.autocast(device.type, enabled=False):
+        out = model.render(zc, zero, zc.new_zeros(len(zc), 2), 2 * model.cfg.box)
+    return out.float()
 
 
 def _fixed_image(image: torch.Tensor) -> Callable:

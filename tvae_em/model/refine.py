@@ -73,13 +73,35 @@ def score_poses(
 
     -||y - m(. - s)||^2 / (2 sigma^2) up to the constant ||y||^2 term, by one FFT correlation.
     """
-    d = y.shape[-1]
-    fy = torch.fft.rfft2(y.float())[:, None]  # (B, 1, D, D//2+1)
     fm = torch.fft.rfft2(models.float())
-    cross = torch.fft.irfft2(fy * fm.conj(), s=(d, d))  # (B, J, D, D): sum_x y(x) m(x - s)
+    return score_spectra(
+        torch.fft.rfft2(y.float()), fm, _energy(fm, y.shape[-1]), log_prior_t, sigma
+    )
+
+
+def score_spectra(
+    fy: torch.Tensor,
+    fm: torch.Tensor,
+    energy: torch.Tensor,
+    log_prior_t: torch.Tensor,
+    sigma: float,
+) -> torch.Tensor:
+    """`score_poses` from half-plane spectra: particles fy (B, D, D//2+1), models fm
+    (B, J, D, D//2+1) and the models' energies ||m||^2 (B, J, 1, 1)."""
+    d = fm.shape[-2]
+    cross = torch.fft.irfft2(fy[:, None] * fm.conj(), s=(d, d))  # (B, J, D, D): sum_x y(x) m(x - s)
     cross = torch.fft.fftshift(cross, dim=(-2, -1))
-    energy = (models.float() ** 2).sum((-2, -1), keepdim=True)  # (B, J, 1, 1)
     return (cross - 0.5 * energy) / sigma**2 + log_prior_t
+
+
+def _energy(fm: torch.Tensor, box: int) -> torch.Tensor:
+    """||m||^2 (..., 1, 1) of real images from their half-plane spectra (..., D, D//2+1), by
+    Parseval: the columns that stand for two of the full plane count twice."""
+    w = torch.full((fm.shape[-1],), 2.0, device=fm.device)
+    w[0] = 1.0
+    if box % 2 == 0:
+        w[-1] = 1.0
+    return ((fm.real**2 + fm.imag**2) * w).sum((-2, -1), keepdim=True) / box**2
 
 
 def shift_log_prior(box: int, sd_px: float, max_px: float, device=None) -> torch.Tensor:
@@ -122,9 +144,11 @@ def refine_poses(
         fine = render(z, z.new_zeros(b), z.new_zeros(b, 2), 2 * d).float()  # (B, 2D, 2D)
         max_px = config.max_shift_px if config.max_shift_px is not None else d / 4
         prior = shift_log_prior(d, t_sd_px, max_px, dev)
+        fy = torch.fft.rfft2(y.float())  # (B, D, D//2+1)
 
         def search(angles: torch.Tensor):  # angles (B, J) -> scores, best (index, row, col, value)
-            scores = score_poses(y, _model_images(fine, ctf, angles, d), prior, sigma)
+            fm = _model_spectra(fine, ctf, angles, d)
+            scores = score_spectra(fy, fm, _energy(fm, d), prior, sigma)
             return scores, _best(scores)
 
         centre = theta0.float()
@@ -150,6 +174,16 @@ def refine_poses(
             t = _fine_shift(y, fine, ctf, theta, t, 0.25)
         theta = wrap_angle(theta)
         return theta, t, value
+
+
+def _model_spectra(fine, ctf, angles: torch.Tensor, box: int) -> torch.Tensor:
+    """Half-plane spectra (B, J, D, D//2+1) of the templates turned by angles (B, J) times each
+    particle's CTF: `_model_images` without the FFT round trip (the CTF is Hermitian, so its
+    first D//2+1 columns act on the real FFT as the full filter acts on the full one)."""
+    fm = torch.fft.rfft2(rotated_templates(fine, angles, box).float())
+    if ctf is not None:
+        fm = fm * ctf[:, None, :, : box // 2 + 1].float()
+    return fm
 
 
 def _model_images(fine, ctf, angles: torch.Tensor, box: int) -> torch.Tensor:
