@@ -117,3 +117,24 @@ def test_search_scores_from_spectra_equal_those_of_the_ctf_images(box):
     spectral = score_spectra(torch.fft.rfft2(y), fm, _energy(fm, box), prior, 1.0)
     scale = direct.abs().max()
     assert (spectral - direct).abs().max() < 1e-4 * scale
+
+
+def test_a_template_shared_by_the_batch_gives_the_per_particle_result(posed):
+    # one (1, 2D, 2D) template is turned once per angle of the global pass; the poses and
+    # scores must be those of the same template given to every particle
+    params = CtfParams(
+        dfu_A=np.linspace(8000, 25000, N), dfv_A=np.linspace(7000, 24000, N),
+        dfang_deg=np.linspace(0, 170, N), volt_kv=np.full(N, 300.0), cs_mm=np.full(N, 2.7),
+        amp_contrast=np.full(N, 0.1), phase_shift_deg=np.zeros(N), bfactor=np.zeros(N),
+    )  # fmt: skip
+    ctf = batch_ctf(params, np.full(N, 3.0), np.arange(N), BOX).float()
+    start = torch.zeros(N)
+
+    def shared(z, theta, t, size):
+        return glyph_render(z[:1], theta[:1], t[:1], size)  # (1, size, size)
+
+    for c in (None, ctf):
+        a = refine_poses(glyph_render, posed["images"], posed["z"], start, c, 3.0)
+        b = refine_poses(shared, posed["images"], posed["z"], start, c, 3.0)
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-4)

@@ -304,8 +304,9 @@ def model_templates(model: torch.nn.Module, z: np.ndarray, device: torch.device)
 
 
 def _fixed_image(image: torch.Tensor) -> Callable:
-    """A `render(z, theta, t, size)` that returns one fixed image (2D, 2D) for every particle."""
-    return lambda z, theta, t, size: image.expand(len(z), -1, -1)
+    """A `render(z, theta, t, size)` that returns one fixed image (1, 2D, 2D) shared by every
+    particle (`refine_poses` turns a shared template once per angle)."""
+    return lambda z, theta, t, size: image[None]
 
 
 def run_inference(

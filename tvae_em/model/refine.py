@@ -39,9 +39,14 @@ def rotated_templates(fine: torch.Tensor, theta: torch.Tensor, box: int) -> torc
     """Templates (B, 2D, 2D) rendered at twice the box turned by theta (B, J): (B, J, D, D).
 
     Output pixel p samples the template at R(-theta) p (pose (theta, 0)); the fine grid holds the
-    template at half-pixel spacing, so bilinear interpolation there is accurate.
+    template at half-pixel spacing, so bilinear interpolation there is accurate. A template
+    shared by the batch (fine (1, 2D, 2D)) is turned once when every row of theta is the same.
     """
     b, j = theta.shape
+    if fine.shape[0] == 1 and b > 1:
+        if _same_rows(theta):
+            return rotated_templates(fine, theta[:1], box).expand(b, -1, -1, -1)
+        fine = fine.expand(b, -1, -1)
     size = fine.shape[-1]
     p = pixel_grid(box, fine.device).reshape(-1, 2)  # (D*D, 2) coarse pixels
     src = torch.einsum("bjik,pk->bjpi", rotation_matrix(-theta), p)  # (B, J, D*D, 2)
@@ -135,13 +140,14 @@ def refine_poses(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Refined angle theta (B,) rad, shift t (B, 2) px and score (B,) of particles y (B, D, D).
 
-    render(z, theta, t, size) -> (B, size, size) is the model's noise-free image (pose 0 here);
+    render(z, theta, t, size) -> (B, size, size) is the model's noise-free image (pose 0 here),
+    or (1, size, size) for one template shared by the batch;
     z (B, Z) the particles' latents, theta0 (B,) the encoder's angles, ctf (B, D, D) or None.
     """
     b, d, _ = y.shape
     dev = y.device
     with torch.autocast(dev.type, enabled=False):
-        fine = render(z, z.new_zeros(b), z.new_zeros(b, 2), 2 * d).float()  # (B, 2D, 2D)
+        fine = render(z, z.new_zeros(b), z.new_zeros(b, 2), 2 * d).float()  # (B or 1, 2D, 2D)
         max_px = config.max_shift_px if config.max_shift_px is not None else d / 4
         prior = shift_log_prior(d, t_sd_px, max_px, dev)
         fy = torch.fft.rfft2(y.float())  # (B, D, D//2+1)
@@ -180,10 +186,18 @@ def _model_spectra(fine, ctf, angles: torch.Tensor, box: int) -> torch.Tensor:
     """Half-plane spectra (B, J, D, D//2+1) of the templates turned by angles (B, J) times each
     particle's CTF: `_model_images` without the FFT round trip (the CTF is Hermitian, so its
     first D//2+1 columns act on the real FFT as the full filter acts on the full one)."""
-    fm = torch.fft.rfft2(rotated_templates(fine, angles, box).float())
+    shared = fine.shape[0] == 1 and _same_rows(angles)  # one template, one set of angles
+    fm = torch.fft.rfft2(rotated_templates(fine, angles[:1] if shared else angles, box).float())
+    if shared and ctf is None:
+        return fm.expand(angles.shape[0], -1, -1, -1)
     if ctf is not None:
         fm = fm * ctf[:, None, :, : box // 2 + 1].float()
     return fm
+
+
+def _same_rows(theta: torch.Tensor) -> bool:
+    """Whether every row of theta (B, J) equals the first."""
+    return bool((theta == theta[:1]).all())
 
 
 def _model_images(fine, ctf, angles: torch.Tensor, box: int) -> torch.Tensor:
