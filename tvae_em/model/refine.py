@@ -67,23 +67,6 @@ def _parabola(lo: torch.Tensor, mid: torch.Tensor, hi: torch.Tensor) -> torch.Te
     return torch.where(ok, off, torch.zeros_like(off)).clamp(-0.5, 0.5)
 
 
-def score_poses(
-    y: torch.Tensor,
-    models: torch.Tensor,
-    log_prior_t: torch.Tensor,
-    sigma: float,
-) -> torch.Tensor:
-    """Log-likelihood + log shift prior of particles y (B, D, D) against model images
-    (B, J, D, D) at every circular integer shift: (B, J, D, D), shift (x, y) at [.., y+D/2, x+D/2].
-
-    -||y - m(. - s)||^2 / (2 sigma^2) up to the constant ||y||^2 term, by one FFT correlation.
-    """
-    fm = torch.fft.rfft2(models.float())
-    return score_spectra(
-        torch.fft.rfft2(y.float()), fm, _energy(fm, y.shape[-1]), log_prior_t, sigma
-    )
-
-
 def score_spectra(
     fy: torch.Tensor,
     fm: torch.Tensor,
@@ -91,8 +74,11 @@ def score_spectra(
     log_prior_t: torch.Tensor,
     sigma: float,
 ) -> torch.Tensor:
-    """`score_poses` from half-plane spectra: particles fy (B, D, D//2+1), models fm
-    (B, J, D, D//2+1) and the models' energies ||m||^2 (B, J, 1, 1)."""
+    """Log-likelihood + log shift prior of particles against model images at every circular
+    integer shift, (B, J, D, D) with shift (x, y) at [.., y+D/2, x+D/2]: -||y - m(. - s)||^2 /
+    (2 sigma^2) up to the constant ||y||^2 term, by one FFT correlation of the half-plane spectra
+    of the particles fy (B, D, D//2+1) and models fm (B, J, D, D//2+1), with the models' energies
+    ||m||^2 (B, J, 1, 1)."""
     d = fm.shape[-2]
     cross = torch.fft.irfft2(fy[:, None] * fm.conj(), s=(d, d))  # (B, J, D, D): sum_x y(x) m(x - s)
     cross = torch.fft.fftshift(cross, dim=(-2, -1))
