@@ -169,7 +169,7 @@ class TemplateEM:
             tried = self._try_move(result, m + 1)
             if tried is None:
                 break
-            move, found, averages = tried
+            move, found = tried
             result.moves.append(move)
             if not move.accepted:
                 break
@@ -213,7 +213,7 @@ class TemplateEM:
         trial[split], trial[removed] = halves / sizes[:, None, None]
         tried = self.e_step(trial, f"classify, split {number}")
         gain = tried.total() - found.total()
-        return SplitMove(int(split), removed, gain, gain > 0), tried, trial
+        return SplitMove(int(split), removed, gain, gain > 0), tried
 
     def _aligned(self, found: TemplateClasses, indices: np.ndarray) -> np.ndarray:
         """(m, D, D) the particles `indices` aligned with their poses and phase-flipped."""
