@@ -29,6 +29,16 @@ def test_fourier_pad_is_undone_by_fourier_crop_and_keeps_the_centre(d, n):
     np.testing.assert_allclose(up.mean((1, 2)), x.mean((1, 2)), atol=1e-5)  # values are kept
 
 
+@pytest.mark.parametrize(("d", "n"), [(12, 8), (13, 8), (16, 9), (21, 16)])
+def test_fourier_crop_of_a_tensor_equals_the_array_path(d, n):
+    # the pose search crops tensors on their device; preprocessing crops numpy stacks
+    x = np.random.default_rng(d + n).normal(size=(2, 3, d, d))
+    want = fourier_crop(x.reshape(6, d, d), n).reshape(2, 3, n, n)
+    got = fourier_crop(torch.from_numpy(x), n)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float64 and got.shape == want.shape
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
+
+
 def test_fourier_pad_samples_a_band_limited_cosine_exactly():
     d, n, k = 16, 24, 3  # a cosine of 3 cycles per box, sampled on 16 and on 24 pixels
     r16, r24 = np.arange(d) - d // 2, np.arange(n) - n // 2

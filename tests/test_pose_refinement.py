@@ -145,3 +145,76 @@ def test_a_template_shared_by_the_batch_gives_the_per_particle_result(posed):
         b = refine_poses(shared, posed["images"], posed["z"], start, c, 3.0)
         for x, y in zip(a, b, strict=True):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-4)
+
+
+def _ctf(n: int, box: int, apix: float) -> torch.Tensor:
+    params = CtfParams(
+        dfu_A=np.linspace(8000, 25000, n), dfv_A=np.linspace(7000, 24000, n),
+        dfang_deg=np.linspace(0, 170, n), volt_kv=np.full(n, 300.0), cs_mm=np.full(n, 2.7),
+        amp_contrast=np.full(n, 0.1), phase_shift_deg=np.zeros(n), bfactor=np.zeros(n),
+    )  # fmt: skip
+    return batch_ctf(params, np.full(n, apix), np.arange(n), box).float()
+
+
+def test_the_coarse_global_pass_finds_the_poses_of_large_boxes():
+    # at 64 px the global pass scores copies cropped to 32 px; from half-turned starts, with
+    # each particle's CTF and noise, it must still find every angle the full-size pass finds
+    box, n = 64, 24
+    rng = np.random.default_rng(5)
+    theta = torch.from_numpy(rng.uniform(-math.pi, math.pi, n)).float()
+    t = torch.from_numpy(rng.uniform(-4.0, 4.0, (n, 2))).float()
+    fine = torch.from_numpy(render_glyph("F", 2 * box, height=0.5))[None]  # (1, 2D, 2D)
+    clean = shift_images(rotated_templates(fine, theta[:, None], box)[:, 0], t)
+    ctf = _ctf(n, box, 1.5)
+    observed = torch.fft.ifft2(torch.fft.fft2(clean) * ctf).real
+    observed = observed + 0.3 * clean.std() * torch.randn(
+        n, box, box, generator=torch.Generator().manual_seed(0)
+    )
+
+    def render(z, th, tt, size):
+        return torch.from_numpy(render_glyph("F", size, height=0.5))[None]
+
+    start = wrap_angle(_binned(theta, 8) + math.pi)
+    z = torch.zeros(n, 1)
+    for coarse in (32, None):
+        cfg = RefineConfig(coarse_box=coarse)
+        got, tt, _ = refine_poses(
+            render, observed, z, start, ctf, 4.0, 0.3 * float(clean.std()), cfg
+        )
+        assert _errors(got, theta).max() < 1.5, (coarse, _errors(got, theta))
+        assert (tt - t).norm(dim=1).max() < 0.5
+
+
+def test_classification_polishes_only_the_winner_and_matches_per_class_refinement(posed):
+    # classify_with_templates searches every class, then polishes the winner's pose: the labels,
+    # poses and scores must be those of refining against each class and keeping the best
+    from tvae_em.inference import classify_with_templates
+
+    class Model:  # what classify_with_templates reads of a model
+        cfg = type("cfg", (), {"t_sd_px": 3.0})()
+        likelihood = None  # sigma 1
+
+    fine = torch.stack(
+        [torch.from_numpy(render_glyph(g, 2 * BOX, height=0.5)) for g in ("F", "P", "T")]
+    )  # (K, 2D, 2D)
+    ctf = _ctf(N, BOX, 3.0)
+    observed = torch.fft.ifft2(torch.fft.fft2(posed["images"]) * ctf).real
+    loader = [(torch.arange(N), observed)]
+    found = classify_with_templates(
+        Model(), loader, N, None, torch.device("cpu"), lambda i: ctf, images=fine.numpy()
+    )
+    per_class = [
+        refine_poses(
+            lambda z, th, t, s, c=c: fine[c][None], observed, posed["z"], torch.zeros(N), ctf, 3.0
+        )
+        for c in range(3)
+    ]
+    values = torch.stack([v for _, _, v in per_class], 1)
+    labels = values.argmax(1)
+    assert (found.labels == labels.numpy()).all() and (found.labels == 0).all()
+    rows = torch.arange(N)
+    theta = torch.stack([th for th, _, _ in per_class], 1)[rows, labels]
+    t = torch.stack([tt for _, tt, _ in per_class], 1)[rows, labels]
+    np.testing.assert_allclose(found.theta, theta.numpy(), atol=1e-4)
+    np.testing.assert_allclose(found.t, t.numpy(), atol=1e-4)
+    np.testing.assert_allclose(found.score, values.max(1).values.numpy(), rtol=1e-5)

@@ -50,37 +50,46 @@ def shift_images(images: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 # ---- resampling ------------------------------------------------------------------------------
-def fourier_crop(images: np.ndarray, size: int) -> np.ndarray:
-    """Downsample (B, D, D) images to (B, size, size) by cropping their centred Fourier transform.
+def fourier_crop(images: np.ndarray | torch.Tensor, size: int) -> np.ndarray | torch.Tensor:
+    """Downsample (..., D, D) images to (..., size, size) by cropping their centred Fourier
+    transform: numpy in, float32 numpy out; a tensor in, a tensor out (same device and dtype).
 
     Real-space values are kept (the spectrum is scaled by (size/D)^2). For an even ``size`` the
     new Nyquist row/column receives both the -size/2 and the +size/2 coefficients (their sum is
     what a sampled cosine at that frequency shows), so band-limited images are reproduced exactly.
     """
+    if not isinstance(images, torch.Tensor):
+        x = np.asarray(images)
+        x = x if x.dtype in (np.float32, np.float64) else x.astype(np.float32)
+        return (
+            fourier_crop(torch.from_numpy(np.ascontiguousarray(x)), size)
+            .numpy()
+            .astype(np.float32, copy=False)
+        )
     d = images.shape[-1]
     if size > d:
         raise ValueError(f"fourier_crop cannot enlarge {d} to {size}")
     if size == d:
-        return np.array(images, dtype=np.float32, copy=True)
-    spec = sfft.rfft2(images, workers=-1)  # (B, D, D//2+1), phase origin at pixel 0
-    kr = np.rint(sfft.fftfreq(size) * size).astype(np.int64)  # (n,) output row frequencies
-    kc = np.arange(size // 2 + 1)  # (n//2+1,) output column frequencies
-    out = spec[:, (kr % d)[:, None], kc[None, :]]  # (B, n, n//2+1)
+        return images.clone()
+    dev = images.device
+    spec = torch.fft.rfft2(images)  # (..., D, D//2+1), phase origin at pixel 0
+    kr = torch.round(torch.fft.fftfreq(size, device=dev) * size).long()  # (n,) row frequencies
+    kc = torch.arange(size // 2 + 1, device=dev)  # (n//2+1,) output column frequencies
+    out = spec[..., (kr % d)[:, None], kc[None, :]]  # (..., n, n//2+1)
     h = size // 2
-    extra = spec[:, h, : h + 1] if size % 2 == 0 else None  # row +n/2, folded into row -n/2
+    extra = spec[..., h, : h + 1] if size % 2 == 0 else None  # row +n/2, folded into row -n/2
     # Phase origin: input centre D//2 -> output centre n//2 (a no-op when both sizes are even).
     shift = (d // 2) / d - h / size
     if shift:
-        pr, pc = np.exp(2j * np.pi * kr * shift), np.exp(2j * np.pi * kc * shift)
-        out *= (pr[:, None] * pc[None, :]).astype(out.dtype)
+        pr, pc = torch.exp(2j * math.pi * kr * shift), torch.exp(2j * math.pi * kc * shift)
+        out = out * (pr[:, None] * pc[None, :]).to(out.dtype)
         if extra is not None:
-            extra = extra * (np.exp(2j * np.pi * h * shift) * pc).astype(out.dtype)
+            extra = extra * (torch.exp(torch.tensor(2j * math.pi * h * shift)) * pc).to(out.dtype)
     if extra is not None:
-        out[:, h, :] += extra
-        col = out[:, :, h]  # column -n/2 is the conjugate mirror of column +n/2
-        out[:, :, h] = col + np.conj(col[:, (-np.arange(size)) % size])
-    y = sfft.irfft2(out, s=(size, size), workers=-1)
-    return (y * (size / d) ** 2).astype(np.float32)
+        out[..., h, :] += extra
+        col = out[..., :, h]  # column -n/2 is the conjugate mirror of column +n/2
+        out[..., :, h] = col + torch.conj(col[..., (-torch.arange(size, device=dev)) % size])
+    return torch.fft.irfft2(out, s=(size, size)) * (size / d) ** 2
 
 
 def fourier_pad(images: np.ndarray, size: int) -> np.ndarray:

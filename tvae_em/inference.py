@@ -19,7 +19,7 @@ import torch
 from .clustering import class_probabilities
 from .errors import UserError
 from .geometry import relion_pose
-from .model.refine import RefineConfig, refine_poses
+from .model.refine import PoseSearch, RefineConfig, polish_poses, refine_poses, search_poses
 from .progress import Advance
 
 NPZ_KEYS = ("z_mu", "theta_rad", "t_px", "psi_deg", "origin_A", "class", "apix")
@@ -261,36 +261,45 @@ def classify_with_templates(
     k = len(images) if images is not None else len(z_classes)
     config = config or RefineConfig()
     scores = np.full((n, k), -np.inf)
-    poses = np.zeros((n, k, 3))
+    theta = np.zeros(n)
+    t = np.zeros((n, 2))
     fine = (
         torch.as_tensor(images, dtype=torch.float32, device=device)
         if images is not None
         else model_templates(model, z_classes, device)
     )  # (K, 2D, 2D)
     empty = [c for c in range(k) if not bool(fine[c].abs().sum() > 0)] if images is not None else []
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(device.type, enabled=False):
         for idx, y in loader:
             i = idx.numpy()
             y = y.to(device).float()
             ctf = ctf_for(i) if ctf_for is not None else None
             start = torch.zeros(len(i), device=device)
+            found: list[PoseSearch | None] = [None] * k
             for c in range(k):
-                if c in empty:
-                    continue
-                render, z = _fixed_image(fine[c]), torch.zeros(len(i), 1, device=device)
-                theta, t, value = refine_poses(
-                    render, y, z, start, ctf, model.cfg.t_sd_px, _sigma(model), config
-                )
-                scores[i, c] = value.double().cpu().numpy()
-                poses[i, c, 0] = theta.double().cpu().numpy()
-                poses[i, c, 1:] = t.double().cpu().numpy()
+                if c not in empty:
+                    found[c] = search_poses(
+                        fine[c][None], y, ctf, start, model.cfg.t_sd_px, _sigma(model), config
+                    )
+                    scores[i, c] = found[c].value.double().cpu().numpy()
+            # Only the winner's pose is kept, so only it is polished to sub-step precision.
+            win = torch.as_tensor(scores[i].argmax(1), device=device)
+            rows = torch.arange(len(i), device=device)
+            filler = next(f for f in found if f is not None)  # empty classes never win
+            each = [f if f is not None else filler for f in found]
+            best = PoseSearch(
+                torch.stack([f.theta for f in each], 1)[rows, win],
+                torch.stack([f.t for f in each], 1)[rows, win],
+                torch.stack([f.value for f in each], 1)[rows, win],
+            )
+            th, tt = polish_poses(fine[win], y, ctf, best, config)
+            theta[i], t[i] = th.double().cpu().numpy(), tt.double().cpu().numpy()
             if advance is not None:
                 advance(len(i))
     labels = scores.argmax(1)
     log_post = scores - scores.max(1, keepdims=True)
     log_post -= np.log(np.exp(log_post).sum(1, keepdims=True))
-    best = poses[np.arange(n), labels]
-    return TemplateClasses(labels, best[:, 0], best[:, 1:], log_post, scores.max(1))
+    return TemplateClasses(labels, theta, t, log_post, scores.max(1))
 
 
 def model_templates(model: torch.nn.Module, z: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -301,12 +310,6 @@ def model_templates(model: torch.nn.Module, z: np.ndarray, device: torch.device)
     with torch.inference_mode(), torch.autocast(device.type, enabled=False):
         out = model.render(zc, zero, zc.new_zeros(len(zc), 2), 2 * model.cfg.box)
     return out.float()
-
-
-def _fixed_image(image: torch.Tensor) -> Callable:
-    """A `render(z, theta, t, size)` that returns one fixed image (1, 2D, 2D) shared by every
-    particle (`refine_poses` turns a shared template once per angle)."""
-    return lambda z, theta, t, size: image[None]
 
 
 def run_inference(

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..fourier import apply_ctf, shift_images
+from ..fourier import apply_ctf, fourier_crop, shift_images
 from ..geometry import pixel_grid, rotation_matrix, wrap_angle
 
 
@@ -27,12 +27,15 @@ from ..geometry import pixel_grid, rotation_matrix, wrap_angle
 class RefineConfig:
     """Angular search: a global pass at `global_step_deg` over the circle (0: skip it, search
     only around the encoder's angle), then a local pass of +-`local_span_deg` at
-    `local_step_deg`; shifts up to `max_shift_px` from the box centre."""
+    `local_step_deg`; shifts up to `max_shift_px` from the box centre. The global pass scores
+    Fourier-cropped copies at `coarse_box` (a low-resolution first pass, as refinement programs
+    start; it picks the angle, the local pass scores at full size)."""
 
     global_step_deg: float = 10.0
     local_span_deg: float = 6.0
     local_step_deg: float = 1.0
     max_shift_px: float | None = None  # None: a quarter of the box
+    coarse_box: int | None = 32  # the global pass on copies cropped to this box (None: full)
 
 
 def rotated_templates(fine: torch.Tensor, theta: torch.Tensor, box: int) -> torch.Tensor:
@@ -114,6 +117,16 @@ def _best(scores: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return a, row, rest - row * d, value
 
 
+@dataclass
+class PoseSearch:
+    """The best pose of each particle against one template on the search grid (before the
+    sub-step polish): angle (B,) rad, shift (B, 2) px and its score (B,)."""
+
+    theta: torch.Tensor
+    t: torch.Tensor
+    value: torch.Tensor
+
+
 def refine_poses(
     render,
     y: torch.Tensor,
@@ -131,41 +144,92 @@ def refine_poses(
     z (B, Z) the particles' latents, theta0 (B,) the encoder's angles, ctf (B, D, D) or None.
     """
     b, d, _ = y.shape
-    dev = y.device
-    with torch.autocast(dev.type, enabled=False):
+    with torch.autocast(y.device.type, enabled=False):
         fine = render(z, z.new_zeros(b), z.new_zeros(b, 2), 2 * d).float()  # (B or 1, 2D, 2D)
-        max_px = config.max_shift_px if config.max_shift_px is not None else d / 4
-        prior = shift_log_prior(d, t_sd_px, max_px, dev)
-        fy = torch.fft.rfft2(y.float())  # (B, D, D//2+1)
+        found = search_poses(fine, y, ctf, theta0, t_sd_px, sigma, config)
+        theta, t = polish_poses(fine, y, ctf, found, config)
+    return theta, t, found.value
 
-        def search(angles: torch.Tensor):  # angles (B, J) -> scores, best (index, row, col, value)
-            fm = _model_spectra(fine, ctf, angles, d)
-            scores = score_spectra(fy, fm, _energy(fm, d), prior, sigma)
-            return scores, _best(scores)
 
-        centre = theta0.float()
-        if config.global_step_deg > 0:
-            n = max(1, round(360.0 / config.global_step_deg))
-            grid = torch.arange(n, device=dev) * (2 * math.pi / n)
-            _, (a, _, _, _) = search(centre[:, None] + grid[None])
-            centre = centre + grid[a]
-        step = math.radians(config.local_step_deg)
-        k = max(1, round(config.local_span_deg / config.local_step_deg))
-        angles = centre[:, None] + torch.arange(-k, k + 1, device=dev)[None] * step  # (B, 2k+1)
-        scores, (a, row, col, value) = search(angles)
-        i = torch.arange(b, device=dev)
-        at = scores[i, a]  # (B, D, D) at the best angle
-        r0, r1 = (row - 1).clamp(0, d - 1), (row + 1).clamp(0, d - 1)
-        c0, c1 = (col - 1).clamp(0, d - 1), (col + 1).clamp(0, d - 1)
-        dy = _parabola(at[i, r0, col], at[i, row, col], at[i, r1, col])
-        dx = _parabola(at[i, row, c0], at[i, row, col], at[i, row, c1])
-        t = torch.stack([col - d // 2 + dx, row - d // 2 + dy], 1).float()
-        theta = angles[i, a]
-        for _ in range(2):  # alternate: the angle at the shift, then the shift at the angle
-            theta = _fine_angle(y, fine, ctf, theta, t, step / 4)
-            t = _fine_shift(y, fine, ctf, theta, t, 0.25)
-        theta = wrap_angle(theta)
-        return theta, t, value
+def search_poses(
+    fine: torch.Tensor,
+    y: torch.Tensor,
+    ctf: torch.Tensor | None,
+    theta0: torch.Tensor,
+    t_sd_px: float,
+    sigma: float = 1.0,
+    config: RefineConfig = RefineConfig(),
+) -> PoseSearch:
+    """The global and local passes of `refine_poses` against templates fine (B or 1, 2D, 2D):
+    the score of the best pose, which is what a classification compares between classes.
+
+    The global pass runs on Fourier-cropped copies of the particles, templates and CTFs at
+    `config.coarse_box` (when it is smaller than the box): it only has to pick the angle that
+    the local pass, at full size, starts from."""
+    b, d, _ = y.shape
+    dev = y.device
+    y = y.float()
+    max_px = config.max_shift_px if config.max_shift_px is not None else d / 4
+    centre = theta0.float()
+    if config.global_step_deg > 0:
+        n = max(1, round(360.0 / config.global_step_deg))
+        grid = torch.arange(n, device=dev) * (2 * math.pi / n)
+        dc = min(d, config.coarse_box or d)
+        a = _search(
+            fourier_crop(fine, 2 * dc) if dc < d else fine,
+            fourier_crop(y, dc) if dc < d else y,
+            _crop_filter(ctf, dc) if ctf is not None and dc < d else ctf,
+            centre[:, None] + grid[None],
+            shift_log_prior(dc, t_sd_px * dc / d, max_px * dc / d, dev),
+            sigma * dc / d,  # the per-pixel noise of the cropped copy
+        )[1][0]
+        centre = centre + grid[a]
+    step = math.radians(config.local_step_deg)
+    k = max(1, round(config.local_span_deg / config.local_step_deg))
+    angles = centre[:, None] + torch.arange(-k, k + 1, device=dev)[None] * step  # (B, 2k+1)
+    prior = shift_log_prior(d, t_sd_px, max_px, dev)
+    scores, (a, row, col, value) = _search(fine, y, ctf, angles, prior, sigma)
+    i = torch.arange(b, device=dev)
+    at = scores[i, a]  # (B, D, D) at the best angle
+    r0, r1 = (row - 1).clamp(0, d - 1), (row + 1).clamp(0, d - 1)
+    c0, c1 = (col - 1).clamp(0, d - 1), (col + 1).clamp(0, d - 1)
+    dy = _parabola(at[i, r0, col], at[i, row, col], at[i, r1, col])
+    dx = _parabola(at[i, row, c0], at[i, row, col], at[i, row, c1])
+    t = torch.stack([col - d // 2 + dx, row - d // 2 + dy], 1).float()
+    return PoseSearch(angles[i, a], t, value)
+
+
+def polish_poses(
+    fine: torch.Tensor,
+    y: torch.Tensor,
+    ctf: torch.Tensor | None,
+    found: PoseSearch,
+    config: RefineConfig = RefineConfig(),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The searched poses to sub-step precision: the angle at the shift, then the shift at the
+    angle, twice; theta (B,) wrapped to (-pi, pi], t (B, 2) px."""
+    step = math.radians(config.local_step_deg)
+    theta, t = found.theta, found.t
+    for _ in range(2):
+        theta = _fine_angle(y, fine, ctf, theta, t, step / 4)
+        t = _fine_shift(y, fine, ctf, theta, t, 0.25)
+    return wrap_angle(theta), t
+
+
+def _search(fine, y, ctf, angles, prior, sigma):
+    """Scores (B, J, D, D) of particles y against fine turned by angles (B, J) at every shift,
+    and their best (angle index, row, col, value)."""
+    fm = _model_spectra(fine, ctf, angles, y.shape[-1])
+    scores = score_spectra(torch.fft.rfft2(y), fm, _energy(fm, y.shape[-1]), prior, sigma)
+    return scores, _best(scores)
+
+
+def _crop_filter(ctf: torch.Tensor, size: int) -> torch.Tensor:
+    """Filters (B, D, D) on the fft2 grid restricted to the frequencies of a `size` box of the
+    same field of view (what multiplies the spectrum of a Fourier-cropped image)."""
+    d = ctf.shape[-1]
+    k = torch.round(torch.fft.fftfreq(size, device=ctf.device) * size).long() % d
+    return ctf[:, k[:, None], k[None, :]]
 
 
 def _model_spectra(fine, ctf, angles: torch.Tensor, box: int) -> torch.Tensor:
