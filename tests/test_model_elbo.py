@@ -228,7 +228,9 @@ def test_forward_and_embed_outputs():
     model = tiny_model()
     y = torch.randn(5, 12, 12)
     out = model(y)
-    assert set(out) == {"elbo", "log_lik", "kl_tr", "kl_theta", "kl_z", "consistency", "objective"}
+    assert set(out) == {
+        "elbo", "log_lik", "kl_tr", "kl_theta", "kl_z", "pose_nll", "consistency", "objective"
+    }  # fmt: skip
     assert all(v.shape == (5,) and torch.isfinite(v).all() for v in out.values())
     out["elbo"].mean().backward()
     e = model.eval().embed(y, with_elbo=True)

@@ -149,7 +149,8 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
     taken = [*plan.paths(), input, opts.original]
     c2d = plan_class2d(opts.class2d, opts.classes, taken) if opts.class2d else None
     apix = stack.apix  # (n,) UserError when unknown
-    use_ctf = (opts.with_elbo or opts.refine) and trained.uses_ctf(stack)
+    aligned_z = trained.model_config.get("z_source") == "aligned"  # z needs the phase flip
+    use_ctf = (opts.with_elbo or opts.refine or aligned_z) and trained.uses_ctf(stack)
     ctf_for = _ctf_function(stack, input, dev) if use_ctf else None
     refine = RefineConfig() if opts.refine else None
     by_templates = bool(opts.classes) and opts.classify == "templates"

@@ -262,8 +262,9 @@ def reconstruction_figure(
     stack.check_pixels(idx, raw)
     y = torch.from_numpy(trained.normalisation.apply(raw).astype(np.float32))
     y = y.to(device)
+    c = batch_ctf(ctf, stack.apix, idx, box, device) if ctf is not None else None
     with torch.inference_mode():
-        out = model.embed(y)
+        out = model.embed(y, ctf=c)
     z, theta = out["z_mu"].cpu().numpy(), out["theta"].cpu().numpy()
     t = out["t"].cpu().numpy() * size / box
     rows = [list(y.cpu().numpy()), list(render(model, z, size, theta, t, device))]

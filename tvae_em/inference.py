@@ -342,6 +342,8 @@ def run_inference(
                     model.render, y, out["z_mu"], out["theta"], ctf, model.cfg.t_sd_px,
                     _sigma(model), refine,
                 )  # fmt: skip
+                if model.z_encoder is not None:  # z of the particle aligned by the refined pose
+                    out["z_mu"], out["z_sd"] = model.latent_at(y, out["theta"], out["t"], ctf)
             emb.store(idx_np, out)
             if advance is not None:
                 advance(len(idx_np))

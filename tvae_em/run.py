@@ -53,6 +53,7 @@ METRIC_FIELDS = [
     "kl_theta",
     "kl_z",
     "consistency",
+    "pose_nll",
     "lr",
     "particles_per_s",
     "seconds",

@@ -92,6 +92,22 @@ from .options import (
     "rotation bin (keeps z for the object, not its angle); 0 turns it off.",
 )
 @click.option(
+    "--z-source",
+    type=click.Choice(["cells", "aligned"]),
+    default="cells",
+    show_default=True,
+    help="Where z is read: the encoder's winning cell (the paper), or a linear map of the "
+    "particle phase-flipped and aligned by its pose (continuous heterogeneity; docs/model.md).",
+)
+@click.option(
+    "--pose-search-from",
+    type=int,
+    default=0,
+    show_default=True,
+    help="From this epoch on, render each particle at the pose a likelihood search around the "
+    "encoder's angle finds, and train the encoder to predict it; 0 turns it off.",
+)
+@click.option(
     "--pixel-fraction",
     type=float,
     help="Real-space renderer: pixels scored per step (unbiased subsample).",

@@ -10,6 +10,7 @@ from ..errors import UserError
 LIKELIHOODS = ("gaussian", "bernoulli")
 RENDERERS = ("real", "fourier")
 ROTATION_PRIORS = ("uniform", "gaussian")
+Z_SOURCES = ("cells", "aligned")
 MIN_BOX = 8
 
 
@@ -55,6 +56,7 @@ class ModelConfig:
     tau: float = 1.0  # Gumbel-softmax temperature
     consistency_theta: float = 0.0  # training penalty weight on the angle under in-bin turns
     consistency_z: float = 0.0  # training penalty weight on z under in-bin turns
+    z_source: str = "cells"  # "cells": z head at the winning cell; "aligned": the aligned particle
     seed: int = 0  # seed of the fixed random initialisation (Fourier features, weights)
 
     def __post_init__(self) -> None:
@@ -106,6 +108,7 @@ class ModelConfig:
                 "--pose-consistency weights must be >= 0",
             ),
             (self.renderer in RENDERERS, f"--renderer must be one of {RENDERERS}"),
+            (self.z_source in Z_SOURCES, f"--z-source must be one of {Z_SOURCES}"),
             (
                 self.renderer == "real" or self.likelihood == "gaussian",
                 "--renderer fourier needs the gaussian likelihood (use --renderer real)",

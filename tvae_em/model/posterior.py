@@ -151,3 +151,22 @@ def read_out(post: CellPosterior, n: int, side: int) -> dict[str, torch.Tensor]:
         "confidence": post.log_q.gather(1, pick)[:, 0].exp(),
         "r": r,
     }
+
+
+def pose_nll(
+    post: CellPosterior, theta: torch.Tensor, t: torch.Tensor, n: int, side: int
+) -> torch.Tensor:
+    """(B,) -log q(theta, t | y) of given poses under the encoder's posterior: the cell of the
+    nearest bin centre and the nearest window cell of t (clamped to the window), plus the
+    Gaussian density of the in-bin offset. What trains the encoder to predict searched poses."""
+    step = 2 * math.pi / n
+    r = torch.round(wrap_angle(theta) / step).long() % n  # (B,)
+    offset = wrap_angle(theta - r.float() * step)
+    half = side // 2
+    j = (torch.round(t[:, 0]).long() + half).clamp(0, side - 1)  # column: x
+    i = (torch.round(t[:, 1]).long() + half).clamp(0, side - 1)  # row: y
+    m = (r * side * side + i * side + j)[:, None]  # (B, 1) cell index
+    mu = post.theta_mu.gather(1, m)[:, 0]
+    logsd = post.theta_logsd.gather(1, m)[:, 0]
+    nll_theta = 0.5 * ((offset - mu) / logsd.exp()) ** 2 + logsd + 0.5 * math.log(2 * math.pi)
+    return -post.log_q.gather(1, m)[:, 0] + nll_theta

@@ -14,6 +14,7 @@ from torch import nn
 from ..errors import UserError
 from ..fourier import apply_ctf
 from ..geometry import object_centroid, pixel_grid, undo_pose
+from .aligned import AlignedLatent
 from .config import ModelConfig
 from .consistency import pose_consistency
 from .encoder import EquivariantEncoder
@@ -21,13 +22,16 @@ from .generator import SpatialGenerator
 from .likelihood import PixelLikelihood
 from .posterior import (
     CellPosterior,
+    gaussian_kl,
     kl_terms,
     log_prior_r,
     log_prior_t,
+    pose_nll,
     posterior_from_maps,
     read_out,
     sample_pose_latent,
 )
+from .refine import RefineConfig, refine_poses
 from .spectral import (
     Band,
     SpectralGenerator,
@@ -37,6 +41,9 @@ from .spectral import (
     render_spectrum,
 )
 from .spectral import render_image as render_spectral
+
+# The pose search of training (`TargetVAE.searched_poses`): local, around the encoder's angle.
+TRAINING_SEARCH = RefineConfig(global_step_deg=0.0, local_span_deg=15.0, local_step_deg=1.5)
 
 
 def full_precision(device: torch.device):
@@ -77,6 +84,9 @@ class TargetVAE(nn.Module):
                     cfg.fourier_features,
                     cfg.fourier_scale_px,
                 )
+            self.z_encoder = (
+                AlignedLatent(cfg.box, cfg.z_dim) if cfg.z_source == "aligned" else None
+            )
         self.likelihood = PixelLikelihood(cfg.likelihood, cfg.learn_sigma)
         n, d = cfg.rotations, cfg.box
         # the shift prior over the encoder's S x S cells (S = cfg.cell_side)
@@ -142,27 +152,67 @@ class TargetVAE(nn.Module):
         log_sigma = self.likelihood.log_sigma
         return gaussian_loglik(observed_band(y, band, n), model, band.weights[:n], log_sigma)
 
-    def _elbo(self, y, post, ctf, fraction, k_max=None) -> dict[str, torch.Tensor]:
+    def _elbo(self, y, post, ctf, fraction, k_max=None, search=False) -> dict[str, torch.Tensor]:
+        """One-sample ELBO terms (B,). With `search`, the pose is the one `searched_poses` finds
+        (not differentiated), the encoder learns to predict it (pose_nll) and "elbo" is
+        log p(y | searched pose, z) - KL(z) (docs/model.md, "Pose search in training")."""
+        n, side = self.cfg.rotations, self.cfg.cell_side
         with full_precision(y.device):
             kl_tr, kl_theta, kl_z = kl_terms(post, self.log_pt, self.log_pr)
-            theta, t, z = sample_pose_latent(
-                post, self.cfg.rotations, self.cfg.cell_side, self.cfg.tau
-            )
+            theta, t, z = sample_pose_latent(post, n, side, self.cfg.tau)
+        nll = torch.zeros_like(kl_tr)
+        if search:
+            theta, t = self.searched_poses(y, post, ctf)
+            with full_precision(y.device):
+                nll = pose_nll(post, theta, t, n, side)
+        if self.z_encoder is not None:
+            mu, logsd = self.z_encoder(y, theta, t, ctf)
+            z = mu + logsd.exp() * torch.randn_like(mu)
+            kl_z = gaussian_kl(mu, logsd, 1.0).sum(1)
         log_lik = self.log_likelihood(y, theta, t, z, ctf, fraction, k_max)
-        elbo = log_lik - kl_tr - kl_theta - kl_z
+        elbo = log_lik - kl_z if search else log_lik - kl_tr - kl_theta - kl_z
         return {
             "elbo": elbo,
             "log_lik": log_lik,
             "kl_tr": kl_tr,
             "kl_theta": kl_theta,
             "kl_z": kl_z,
+            "pose_nll": nll,
         }
 
+    def searched_poses(
+        self, y: torch.Tensor, post: CellPosterior, ctf: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Angle (B,) and shift (B, 2) px of each particle against its own template by a search
+        of the likelihood (`refine.refine_poses`, +-15 deg around the encoder's angle), without
+        gradients: the pose training renders at once `pose_search_from` is reached."""
+        with torch.no_grad(), full_precision(y.device):
+            ro = read_out(post, self.cfg.rotations, self.cfg.cell_side)
+            z = self.latent_at(y, ro["theta"], ro["t"], ctf)[0] if self.z_encoder else ro["z_mu"]
+            log_sigma = getattr(self.likelihood, "log_sigma", None)
+            sigma = float(log_sigma.exp()) if log_sigma is not None else 1.0
+            theta, t, _ = refine_poses(
+                self.render, y, z, ro["theta"], ctf, self.cfg.t_sd_px, sigma, TRAINING_SEARCH
+            )
+        return theta.detach(), t.detach()
+
+    def latent_at(
+        self, y: torch.Tensor, theta: torch.Tensor, t: torch.Tensor, ctf: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """z mean and sd (B, Z) of particles y at pose (theta, t) (`z_source` "aligned" only)."""
+        mu, logsd = self.z_encoder(y, theta, t, ctf)
+        return mu, logsd.exp()
+
     def forward(
-        self, y: torch.Tensor, ctf: torch.Tensor | None = None, k_max: float | None = None
+        self,
+        y: torch.Tensor,
+        ctf: torch.Tensor | None = None,
+        k_max: float | None = None,
+        search: bool = False,
     ) -> dict[str, torch.Tensor]:
         """One-sample ELBO: y (B, D, D) -> dict of (B,) elbo, log_lik, kl_tr, kl_theta, kl_z,
-        consistency and objective (what training maximises: elbo - consistency).
+        pose_nll, consistency and objective (what training maximises: elbo - consistency, and
+        - pose_nll with `search`).
 
         In training mode without a CTF the real-space likelihood uses `pixel_fraction` of the
         pixels; the Fourier renderer scores the band |k| <= k_max cycles/pixel (None: Nyquist).
@@ -170,7 +220,7 @@ class TargetVAE(nn.Module):
         """
         fraction = self.cfg.pixel_fraction if self.training else 1.0
         post = self.posterior(y)
-        out = self._elbo(y, post, ctf, fraction, k_max)
+        out = self._elbo(y, post, ctf, fraction, k_max, search)
         cfg = self.cfg
         if self.training and (cfg.consistency_theta > 0 or cfg.consistency_z > 0):
             out["consistency"] = pose_consistency(
@@ -178,7 +228,7 @@ class TargetVAE(nn.Module):
             )
         else:
             out["consistency"] = torch.zeros_like(out["elbo"])
-        out["objective"] = out["elbo"] - out["consistency"]
+        out["objective"] = out["elbo"] - out["consistency"] - out["pose_nll"]
         return out
 
     def embed(
@@ -189,6 +239,8 @@ class TargetVAE(nn.Module):
         post = self.posterior(y)
         with full_precision(y.device):
             out = read_out(post, self.cfg.rotations, self.cfg.cell_side)
+        if self.z_encoder is not None:
+            out["z_mu"], out["z_sd"] = self.latent_at(y, out["theta"], out["t"], ctf)
         if with_elbo:
             out["elbo"] = self._elbo(y, post, ctf, 1.0)["elbo"]
         return out

@@ -21,7 +21,7 @@ from ..run import MetricsLog, checkpoint_payload
 from ..runtime import rng_state
 from .setup import TrainingSetup
 
-TERMS = ("loss", "log_lik", "kl_tr", "kl_theta", "kl_z", "consistency")
+TERMS = ("loss", "log_lik", "kl_tr", "kl_theta", "kl_z", "consistency", "pose_nll")
 
 
 class TrainingDiverged(Exception):
@@ -191,12 +191,13 @@ def _run_epoch(s: TrainingSetup, loader, epoch: int, advance, n_steps: int):
     sums = dict.fromkeys(TERMS, 0.0) | {"count": 0.0}
     seen, t0 = 0, time.time()
     apix = s.stack.apix if s.ctf is not None else None
+    search = 0 < s.opts.pose_search_from <= epoch  # poses by search from this epoch on
     for step, (idx, y) in enumerate(loader, start=1):
         y = y.to(device, non_blocking=True)
         ctf = None if s.ctf is None else batch_ctf(s.ctf, apix, idx.numpy(), s.stack.box, device)
         k_max = s.band.k_max(epoch - 1 + (step - 1) / n_steps)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.use_amp):
-            out = model(y, ctf=ctf, k_max=k_max)
+            out = model(y, ctf=ctf, k_max=k_max, search=search)
         loss = -out["objective"].float().mean()
         if not torch.isfinite(loss):
             raise TrainingDiverged(

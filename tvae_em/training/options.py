@@ -49,6 +49,8 @@ class TrainOptions:
     generator_hidden: int = 512
     band_start: float = 0.3
     band_epochs: float | None = None
+    z_source: str = "cells"
+    pose_search_from: int = 0
     model_overrides: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -72,6 +74,10 @@ class TrainOptions:
         ):
             if not isinstance(value, int) or value < 1:
                 raise UserError(f"{option} {value}: must be at least 1")
+        if not isinstance(self.pose_search_from, int) or self.pose_search_from < 0:
+            raise UserError(
+                f"--pose-search-from {self.pose_search_from}: must be an epoch >= 1 (0: off)"
+            )
         for option, value in (
             ("--angle-consistency", self.angle_consistency),
             ("--z-consistency", self.z_consistency),
@@ -177,6 +183,7 @@ def model_config(opts: TrainOptions, stack) -> dict[str, Any]:
         "tau": opts.tau,
         "consistency_theta": opts.angle_consistency,
         "consistency_z": opts.z_consistency,
+        "z_source": opts.z_source,
         "seed": opts.seed,
     }
     if opts.pixel_fraction is not None:

@@ -1,0 +1,123 @@
+"""Pose search in training and z from the aligned particle (`train --pose-search-from`,
+`--z-source aligned`): the encoder's NLL of a pose by hand, z that ignores the pose it is given,
+searched poses recovered from an offset start, and the training wiring."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_MODEL, write_particle_set
+
+from tvae_em.fourier import phase_flip, shift_images
+from tvae_em.geometry import transform_images
+from tvae_em.model import ModelConfig, TargetVAE
+from tvae_em.model.aligned import AlignedLatent
+from tvae_em.model.posterior import CellPosterior, pose_nll
+from tvae_em.model.refine import rotated_templates
+from tvae_em.synthetic import glyphs, render_glyph
+from tvae_em.training import TrainOptions, train
+
+
+def test_pose_nll_by_hand():
+    n, side = 4, 3  # 4 bins, 3 x 3 window: cell m = r * 9 + i * 3 + j, t = (j - 1, i - 1)
+    m = n * side * side
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, m, generator=g)
+    theta_mu = 0.1 * torch.randn(2, m, generator=g)
+    theta_logsd = -1.0 + 0.2 * torch.randn(2, m, generator=g)
+    post = CellPosterior(logits, torch.log_softmax(logits, 1), theta_mu, theta_logsd,
+                         torch.zeros(2, 1, m), torch.zeros(2, 1, m))  # fmt: skip
+    # particle 0: bin 1 (pi/2) + 0.2 rad, shift (x, y) = (1.2, -0.7) -> cell i = 0, j = 2
+    # particle 1: angle -0.1 rad -> bin 0, offset -0.1; shift (5, 0) is clamped to j = 2, i = 1
+    theta = torch.tensor([math.pi / 2 + 0.2, -0.1])
+    t = torch.tensor([[1.2, -0.7], [5.0, 0.0]])
+    cells, offsets = [1 * 9 + 0 * 3 + 2, 0 * 9 + 1 * 3 + 2], [0.2, -0.1]
+    got = pose_nll(post, theta, t, n, side)
+    for b, (c, o) in enumerate(zip(cells, offsets, strict=True)):
+        sd = math.exp(theta_logsd[b, c])
+        hand = -post.log_q[b, c] + 0.5 * ((o - theta_mu[b, c]) / sd) ** 2 + math.log(sd)
+        hand += 0.5 * math.log(2 * math.pi)
+        assert got[b].item() == pytest.approx(hand.item(), abs=1e-5)
+
+
+def test_aligned_latent_undoes_the_pose_and_flips_the_phases():
+    box, z_dim = 32, 3
+    enc = AlignedLatent(box, z_dim)
+    glyph = torch.from_numpy(render_glyph("F", box, height=0.5))[None]  # (1, D, D)
+    k2 = torch.fft.fftfreq(box)[:, None] ** 2 + torch.fft.fftfreq(box)[None, :] ** 2
+    blur = torch.exp(-2 * math.pi**2 * k2)  # a 1 px Gaussian: what bilinear turns resolve
+    template = torch.fft.ifft2(torch.fft.fft2(glyph) * blur).real
+    theta = torch.tensor([0.7])
+    t = torch.tensor([[2.0, -1.5]])
+    posed = shift_images(transform_images(template, theta, torch.zeros(1, 2)), t)
+    with torch.no_grad():  # z_1 = <template, aligned>, z_2 = <template turned 90 deg, aligned>
+        enc.linear.weight.zero_()
+        enc.linear.bias.zero_()
+        enc.linear.weight[0] = template.flatten() / template.norm() ** 2
+        enc.linear.weight[1] = template[0].rot90(1).flatten() / template.norm() ** 2
+    mu0, _ = enc(template, torch.zeros(1), torch.zeros(1, 2), None)
+    mu, _ = enc(posed, theta, t, None)
+    wrong = enc(posed, torch.zeros(1), torch.zeros(1, 2), None)[0]  # the pose not undone
+    assert mu0[0, 0].item() == pytest.approx(1.0, abs=1e-5)
+    # the same z for the particle at its pose as for the template at pose 0 (interpolation aside)
+    torch.testing.assert_close(mu, mu0, atol=0.05, rtol=0)
+    assert wrong[0, 0] < mu[0, 0] - 0.2  # a pose not undone reads another z
+    # with a CTF, z reads the phase-flipped particle
+    ctf = torch.cos(torch.linspace(0, 9, box * box)).reshape(1, box, box)
+    ctf = 0.5 * (ctf + ctf.flip(-1).flip(-2).roll((1, 1), (-2, -1)))  # Hermitian
+    flipped = enc(phase_flip(template, ctf), torch.zeros(1), torch.zeros(1, 2), None)[0]
+    torch.testing.assert_close(enc(template, torch.zeros(1), torch.zeros(1, 2), ctf)[0], flipped)
+
+
+def test_searched_poses_recover_the_pose_from_an_offset_start(monkeypatch):
+    # the model's template is a glyph; the encoder's read-out is 9 deg and 2 px off: the search
+    # must find each particle's angle and shift
+    import tvae_em.model.vae as vae
+
+    box, n = 32, 16
+    model = TargetVAE(ModelConfig(box=box, renderer="fourier", z_dim=2))
+    rng = np.random.default_rng(3)
+    theta = torch.from_numpy(rng.uniform(-math.pi, math.pi, n)).float()
+    t = torch.from_numpy(rng.uniform(-2.0, 2.0, (n, 2))).float()
+    fine = torch.from_numpy(render_glyph("F", 2 * box, height=0.5))[None]
+    y = shift_images(rotated_templates(fine, theta[:, None], box)[:, 0], t)
+
+    def render(z, th, tt, size):
+        return torch.from_numpy(render_glyph("F", size, height=0.5))[None].expand(len(z), -1, -1)
+
+    start = {"theta": theta + math.radians(9.0), "t": t + 2.0, "z_mu": torch.zeros(n, 2)}
+    monkeypatch.setattr(vae, "read_out", lambda post, n_, side: start)
+    monkeypatch.setattr(model, "render", render)
+    got_theta, got_t = model.searched_poses(y, None, None)
+    err = torch.rad2deg((got_theta - theta + math.pi) % (2 * math.pi) - math.pi).abs()
+    assert err.max() < 1.0, err
+    assert (got_t - t).norm(dim=1).max() < 0.3
+    assert not got_theta.requires_grad
+
+
+def test_training_searches_poses_from_the_epoch_asked(tmp_path):
+    images, _ = glyphs(32, box=16, seed=2, n_classes=2, t_sd_px=1.0)
+    star = write_particle_set(tmp_path / "data", images, apix=2.0)
+    opts = TrainOptions(
+        input=str(star), out_dir=str(tmp_path / "run"), epochs=2, batch_size=16, seed=0,
+        z_source="aligned", pose_search_from=2, model_overrides=dict(TINY_MODEL),
+    )  # fmt: skip
+    train(opts, log=lambda m: None)
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert float(rows[0]["pose_nll"]) == 0.0  # epoch 1: the encoder's poses
+    assert float(rows[1]["pose_nll"]) > 0.0  # epoch 2: searched poses, the encoder learns them
+    cfg = (tmp_path / "run" / "config.json").read_text()
+    assert '"z_source": "aligned"' in cfg and '"pose_search_from": 2' in cfg
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5])
+def test_pose_search_epoch_must_be_a_whole_number(tmp_path, bad):
+    from tvae_em.errors import UserError
+
+    opts = TrainOptions(input="x.star", out_dir=str(tmp_path / "r"), pose_search_from=bad)
+    with pytest.raises(UserError, match="--pose-search-from"):
+        opts.check()
