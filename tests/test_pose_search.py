@@ -121,3 +121,13 @@ def test_pose_search_epoch_must_be_a_whole_number(tmp_path, bad):
     opts = TrainOptions(input="x.star", out_dir=str(tmp_path / "r"), pose_search_from=bad)
     with pytest.raises(UserError, match="--pose-search-from"):
         opts.check()
+
+
+def test_defaults_follow_the_likelihood():
+    from tvae_em.training.options import pose_search_epoch, z_source
+
+    opts = TrainOptions(input="x.star", out_dir="r")
+    assert (z_source(opts, "gaussian"), pose_search_epoch(opts, "gaussian")) == ("aligned", 2)
+    assert (z_source(opts, "bernoulli"), pose_search_epoch(opts, "bernoulli")) == ("cells", 0)
+    chosen = TrainOptions(input="x.star", out_dir="r", z_source="cells", pose_search_from=0)
+    assert (z_source(chosen, "gaussian"), pose_search_epoch(chosen, "gaussian")) == ("cells", 0)

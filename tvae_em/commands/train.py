@@ -93,19 +93,19 @@ from .options import (
 )
 @click.option(
     "--z-source",
-    type=click.Choice(["cells", "aligned"]),
-    default="cells",
+    type=click.Choice(["auto", "cells", "aligned"]),
+    default="auto",
     show_default=True,
-    help="Where z is read: the encoder's winning cell (the paper), or a linear map of the "
-    "particle phase-flipped and aligned by its pose (continuous heterogeneity; docs/model.md).",
+    help="Where z is read: a linear map of the particle phase-flipped and aligned by its pose "
+    "(auto for gaussian data: poses and flexibility apart; docs/model.md), or the encoder's "
+    "winning cell (the paper; auto for binary images).",
 )
 @click.option(
     "--pose-search-from",
     type=int,
-    default=0,
-    show_default=True,
     help="From this epoch on, render each particle at the pose a likelihood search around the "
-    "encoder's angle finds, and train the encoder to predict it; 0 turns it off.",
+    "encoder's angle finds, and train the encoder to predict it; 0 turns it off. "
+    "[default: 2 for gaussian data, 0 for binary images]",
 )
 @click.option(
     "--pixel-fraction",

@@ -19,6 +19,7 @@ from ..data import BatchDataset, epoch_batches, make_loader
 from ..progress import ProgressFactory, no_progress
 from ..run import MetricsLog, checkpoint_payload
 from ..runtime import rng_state
+from .options import pose_search_epoch
 from .setup import TrainingSetup
 
 TERMS = ("loss", "log_lik", "kl_tr", "kl_theta", "kl_z", "consistency", "pose_nll")
@@ -191,7 +192,8 @@ def _run_epoch(s: TrainingSetup, loader, epoch: int, advance, n_steps: int):
     sums = dict.fromkeys(TERMS, 0.0) | {"count": 0.0}
     seen, t0 = 0, time.time()
     apix = s.stack.apix if s.ctf is not None else None
-    search = 0 < s.opts.pose_search_from <= epoch  # poses by search from this epoch on
+    first = pose_search_epoch(s.opts, s.model_cfg["likelihood"])
+    search = 0 < first <= epoch  # poses by search from this epoch on
     for step, (idx, y) in enumerate(loader, start=1):
         y = y.to(device, non_blocking=True)
         ctf = None if s.ctf is None else batch_ctf(s.ctf, apix, idx.numpy(), s.stack.box, device)

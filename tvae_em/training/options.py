@@ -49,8 +49,8 @@ class TrainOptions:
     generator_hidden: int = 512
     band_start: float = 0.3
     band_epochs: float | None = None
-    z_source: str = "cells"
-    pose_search_from: int = 0
+    z_source: str = "auto"
+    pose_search_from: int | None = None
     model_overrides: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -74,9 +74,12 @@ class TrainOptions:
         ):
             if not isinstance(value, int) or value < 1:
                 raise UserError(f"{option} {value}: must be at least 1")
-        if not isinstance(self.pose_search_from, int) or self.pose_search_from < 0:
+        ps = self.pose_search_from
+        if ps is not None and (not isinstance(ps, int) or isinstance(ps, bool) or ps < 0):
+            raise UserError(f"--pose-search-from {ps}: must be an epoch >= 1 (0: off)")
+        if self.z_source not in Z_SOURCE_CHOICES:
             raise UserError(
-                f"--pose-search-from {self.pose_search_from}: must be an epoch >= 1 (0: off)"
+                f"--z-source {self.z_source}: choose from {', '.join(Z_SOURCE_CHOICES)}"
             )
         for option, value in (
             ("--angle-consistency", self.angle_consistency),
@@ -94,6 +97,24 @@ class TrainOptions:
 
 
 RENDERER_CHOICES = ("auto", "real", "fourier")
+Z_SOURCE_CHOICES = ("auto", "cells", "aligned")
+POSE_SEARCH_FROM = 2  # the default epoch for gaussian (cryo-EM) data
+
+
+def pose_search_epoch(opts: TrainOptions, likelihood: str) -> int:
+    """The epoch from which training renders at searched poses (0: never): by default epoch 2
+    for gaussian data (docs/model.md, "Pose search in training"), off for binary images."""
+    if opts.pose_search_from is not None:
+        return opts.pose_search_from
+    return POSE_SEARCH_FROM if likelihood == "gaussian" else 0
+
+
+def z_source(opts: TrainOptions, likelihood: str) -> str:
+    """Where z is read: by default the aligned particle for gaussian data, the encoder's cells
+    (the paper's model) for binary images."""
+    if opts.z_source != "auto":
+        return opts.z_source
+    return "aligned" if likelihood == "gaussian" else "cells"
 
 
 @dataclass(frozen=True)
@@ -183,7 +204,7 @@ def model_config(opts: TrainOptions, stack) -> dict[str, Any]:
         "tau": opts.tau,
         "consistency_theta": opts.angle_consistency,
         "consistency_z": opts.z_consistency,
-        "z_source": opts.z_source,
+        "z_source": z_source(opts, likelihood),
         "seed": opts.seed,
     }
     if opts.pixel_fraction is not None:
