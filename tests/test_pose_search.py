@@ -131,3 +131,24 @@ def test_defaults_follow_the_likelihood():
     assert (z_source(opts, "bernoulli"), pose_search_epoch(opts, "bernoulli")) == ("cells", 0)
     chosen = TrainOptions(input="x.star", out_dir="r", z_source="cells", pose_search_from=0)
     assert (z_source(chosen, "gaussian"), pose_search_epoch(chosen, "gaussian")) == ("cells", 0)
+
+
+def test_a_run_saved_before_the_pose_search_resumes_without_it(tmp_path):
+    import json
+
+    from tvae_em.run import RunFolder
+
+    images, _ = glyphs(16, box=16, seed=2, n_classes=2, t_sd_px=1.0)
+    star = write_particle_set(tmp_path / "data", images, apix=2.0)
+    opts = TrainOptions(
+        input=str(star), out_dir=str(tmp_path / "run"), epochs=1, batch_size=16, seed=0,
+        model_overrides=dict(TINY_MODEL),
+    )  # fmt: skip
+    train(opts, log=lambda m: None)
+    config_path = tmp_path / "run" / "config.json"
+    config = json.loads(config_path.read_text())
+    for key in ("z_source", "pose_search_from"):  # as a run of the previous version saved it
+        config["options"].pop(key)
+    config_path.write_text(json.dumps(config))
+    saved = RunFolder(tmp_path / "run").saved_options()
+    assert saved["z_source"] == "cells" and saved["pose_search_from"] == 0

@@ -63,6 +63,8 @@ METRIC_FIELDS = [
 RESUMABLE_CHANGES = {"epochs", "num_workers", "device", "checkpoint_every", "resume", "progress"}
 # Option names of earlier versions, as saved in their config.json -> today's names.
 RENAMED_OPTIONS = {"apix": "input_apix"}
+# Options added since: the value a run saved before they existed behaved as (resume keeps it).
+ADDED_OPTIONS = {"z_source": "cells", "pose_search_from": 0}
 # Options naming files: config.json also keeps them as absolute paths ("resolved_paths"), so a
 # run resumes from any working directory.
 PATH_OPTIONS = ("input", "datadir")
@@ -190,6 +192,8 @@ class RunFolder:
         for old, new in RENAMED_OPTIONS.items():
             if old in saved and new not in saved:
                 saved[new] = saved.pop(old)
+        for key, value in ADDED_OPTIONS.items():
+            saved.setdefault(key, value)
         for key, path in (config.get("resolved_paths") or {}).items():
             if key in saved and path is not None and Path(path).exists():
                 saved[key] = path
