@@ -74,34 +74,20 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     batches = [np.arange(s, min(s + 64, args.n)) for s in range(0, args.n, 64)]
     loader = [(torch.from_numpy(b), y[b]) for b in batches]
     images = fine.numpy()
+
+    def classify(config: RefineConfig) -> np.ndarray:
+        device = torch.device("cpu")
+        found = classify_with_templates(
+            _Model(), loader, args.n, None, device, lambda i: ctf[i], config, images=images
+        )
+        return found.labels
+
     variants = {
         "per-class refine, full-size global pass": lambda: per_class_refine(
             fine, loader, args.n, args.classes, ctf, RefineConfig(coarse_box=None)
         ),
-        "full-size global pass": lambda: (
-            classify_with_templates(
-                _Model(),
-                loader,
-                args.n,
-                None,
-                torch.device("cpu"),
-                lambda i: ctf[i],
-                RefineConfig(coarse_box=None),
-                images=images,
-            ).labels
-        ),  # fmt: skip
-        "default": lambda: (
-            classify_with_templates(
-                _Model(),
-                loader,
-                args.n,
-                None,
-                torch.device("cpu"),
-                lambda i: ctf[i],
-                RefineConfig(),
-                images=images,
-            ).labels
-        ),  # fmt: skip
+        "full-size global pass": lambda: classify(RefineConfig(coarse_box=None)),
+        "default": lambda: classify(RefineConfig()),
     }
     times = {name: [] for name in variants}
     right = {}
