@@ -195,9 +195,8 @@ def _class_log_post(data: dict, labels: np.ndarray, path: Path) -> np.ndarray | 
 
 
 def _sigma(model: torch.nn.Module) -> float:
-    """The Gaussian likelihood's noise sd (1 when it is not learnt: unit-variance images)."""
-    log_sigma = getattr(model.likelihood, "log_sigma", None)
-    return float(log_sigma.exp()) if log_sigma is not None else 1.0
+    """The Gaussian likelihood's noise sd (`PixelLikelihood.sd`; 1 for a model without one)."""
+    return model.likelihood.sd if model.likelihood is not None else 1.0
 
 
 def object_centres(

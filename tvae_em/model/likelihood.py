@@ -26,6 +26,11 @@ class PixelLikelihood(nn.Module):
         self.kind = kind
         self.log_sigma = nn.Parameter(torch.zeros(())) if learn_sigma else None
 
+    @property
+    def sd(self) -> float:
+        """The Gaussian noise sd (1 when it is not learnt: unit-variance images)."""
+        return float(self.log_sigma.exp()) if self.log_sigma is not None else 1.0
+
     def forward(self, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """y, out: (B, P) -> (B,) log-likelihood summed over the P pixels."""
         out = out.float()

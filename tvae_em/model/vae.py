@@ -189,11 +189,10 @@ class TargetVAE(nn.Module):
         with torch.no_grad(), full_precision(y.device):
             ro = read_out(post, self.cfg.rotations, self.cfg.cell_side)
             z = self.latent_at(y, ro["theta"], ro["t"], ctf)[0] if self.z_encoder else ro["z_mu"]
-            log_sigma = getattr(self.likelihood, "log_sigma", None)
-            sigma = float(log_sigma.exp()) if log_sigma is not None else 1.0
             theta, t, _ = refine_poses(
-                self.render, y, z, ro["theta"], ctf, self.cfg.t_sd_px, sigma, TRAINING_SEARCH
-            )
+                self.render, y, z, ro["theta"], ctf, self.cfg.t_sd_px, self.likelihood.sd,
+                TRAINING_SEARCH,
+            )  # fmt: skip
         return theta.detach(), t.detach()
 
     def latent_at(
