@@ -61,7 +61,7 @@ def stuck(tmp_path_factory):
     start[p[: len(p) // 2]] = 1  # P split in two classes
     log_post = np.log(np.full((N, K), 1.0 / K))
     found = TemplateClasses(start, truth["theta"], truth["t"], log_post, np.zeros(N))
-    model = SimpleNamespace(cfg=SimpleNamespace(t_sd_px=1.0), likelihood=SimpleNamespace())
+    model = SimpleNamespace(cfg=SimpleNamespace(t_sd_px=1.0), likelihood=SimpleNamespace(sd=1.0))
     em = TemplateEM(model, loader, stack, norm, K, torch.device("cpu"))
     return em, found, label
 
