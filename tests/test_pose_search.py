@@ -152,3 +152,27 @@ def test_a_run_saved_before_the_pose_search_resumes_without_it(tmp_path):
     config_path.write_text(json.dumps(config))
     saved = RunFolder(tmp_path / "run").saved_options()
     assert saved["z_source"] == "cells" and saved["pose_search_from"] == 0
+
+
+def test_turn_change_is_zero_for_a_round_object_and_enters_the_penalty():
+    box = 32
+    enc = AlignedLatent(box, 2)
+    r2 = (torch.arange(box) - box // 2).float() ** 2
+    blob = torch.exp(-(r2[:, None] + r2[None, :]) / (2 * 3.0**2))[None]  # round: turns leave it
+    glyph = torch.from_numpy(render_glyph("F", box, height=0.5))[None]
+    zero, t0 = torch.zeros(1), torch.zeros(1, 2)
+    torch.manual_seed(0)
+    for image, round_ in ((blob, True), (glyph, False)):
+        mu, _ = enc(image, zero, t0, None)
+        change = enc.turn_change(image, zero, t0, None, mu, max_deg=5.0)
+        scale = (mu**2).sum()
+        assert (change < 1e-3 * scale) if round_ else (change > 1e-3 * scale), (round_, change)
+    # the weighted change is part of the training penalty (metrics.csv `consistency`) once the
+    # poses are searched (what it keeps z from correcting); not before, not in eval
+    model = TargetVAE(ModelConfig(box=box, renderer="fourier", z_source="aligned"))
+    y = torch.randn(3, box, box)
+    assert (model.train()(y, search=True)["consistency"] > 0).all()
+    assert (model.train()(y)["consistency"] == 0).all()
+    assert (model.eval()(y, search=True)["consistency"] == 0).all()
+    off = TargetVAE(ModelConfig(box=box, renderer="fourier", z_source="aligned", z_turn_penalty=0))
+    assert (off.train()(y, search=True)["consistency"] == 0).all()

@@ -64,7 +64,7 @@ RESUMABLE_CHANGES = {"epochs", "num_workers", "device", "checkpoint_every", "res
 # Option names of earlier versions, as saved in their config.json -> today's names.
 RENAMED_OPTIONS = {"apix": "input_apix"}
 # Options added since: the value a run saved before they existed behaved as (resume keeps it).
-ADDED_OPTIONS = {"z_source": "cells", "pose_search_from": 0}
+ADDED_OPTIONS = {"z_source": "cells", "pose_search_from": 0, "z_turn_penalty": 0.0}
 # Options naming files: config.json also keeps them as absolute paths ("resolved_paths"), so a
 # run resumes from any working directory.
 PATH_OPTIONS = ("input", "datadir")

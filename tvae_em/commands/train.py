@@ -101,6 +101,15 @@ from .options import (
     "winning cell (the paper; auto for binary images).",
 )
 @click.option(
+    "--z-turn-penalty",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="With --z-source aligned: training penalty (nats per unit^2) on z's change when the "
+    "pose is turned by up to 5 deg (from --pose-search-from on), so z does not correct the "
+    "angle; 0 turns it off.",
+)
+@click.option(
     "--pose-search-from",
     type=int,
     help="From this epoch on, render each particle at the pose a likelihood search around the "

@@ -5,9 +5,14 @@ the encoder's angle instead of the motion (docs/model.md, "z from the aligned pa
 a linear map of the particle phase-flipped by its CTF (one contrast at every frequency) and turned
 and shifted back by its pose: what is left once the pose is undone, as 2D variability analyses
 (PCA of aligned particles) read it.
+A small turn is a linear change of the aligned image, so the linear map could also read the
+residual error of the pose and the generator use it to turn its template; `turn_change` measures
+z's response to small turns, which training penalises (`ModelConfig.z_turn_penalty`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -35,3 +40,18 @@ class AlignedLatent(nn.Module):
             a = align_images(x, theta.detach().float(), t.detach().float())  # (B, D, D)
             h = self.linear(a.reshape(len(a), -1))
         return h[:, : self.z_dim], h[:, self.z_dim :].clamp(LOGSD_MIN, LOGSD_MAX)
+
+    def turn_change(
+        self,
+        y: torch.Tensor,
+        theta: torch.Tensor,
+        t: torch.Tensor,
+        ctf: torch.Tensor | None,
+        mu: torch.Tensor,
+        max_deg: float = 5.0,
+    ) -> torch.Tensor:
+        """(B,) |z(pose turned by delta) - z(pose)|^2 for delta ~ U(-max_deg, max_deg): how much
+        z's mean mu (B, Z) at (theta, t) follows a small error of the angle."""
+        delta = (torch.rand_like(theta) * 2 - 1) * math.radians(max_deg)
+        turned, _ = self(y, theta + delta, t, ctf)
+        return ((turned - mu) ** 2).sum(1)

@@ -57,6 +57,7 @@ class ModelConfig:
     consistency_theta: float = 0.0  # training penalty weight on the angle under in-bin turns
     consistency_z: float = 0.0  # training penalty weight on z under in-bin turns
     z_source: str = "cells"  # "cells": z head at the winning cell; "aligned": the aligned particle
+    z_turn_penalty: float = 10.0  # aligned z: penalty (nats / unit^2) on z under small turns
     seed: int = 0  # seed of the fixed random initialisation (Fourier features, weights)
 
     def __post_init__(self) -> None:
@@ -109,6 +110,7 @@ class ModelConfig:
             ),
             (self.renderer in RENDERERS, f"--renderer must be one of {RENDERERS}"),
             (self.z_source in Z_SOURCES, f"--z-source must be one of {Z_SOURCES}"),
+            (self.z_turn_penalty >= 0, f"z_turn_penalty must be >= 0, got {self.z_turn_penalty}"),
             (
                 self.renderer == "real" or self.likelihood == "gaussian",
                 "--renderer fourier needs the gaussian likelihood (use --renderer real)",

@@ -165,10 +165,13 @@ class TargetVAE(nn.Module):
             theta, t = self.searched_poses(y, post, ctf)
             with full_precision(y.device):
                 nll = pose_nll(post, theta, t, n, side)
+        turn = torch.zeros_like(kl_tr)
         if self.z_encoder is not None:
             mu, logsd = self.z_encoder(y, theta, t, ctf)
             z = mu + logsd.exp() * torch.randn_like(mu)
             kl_z = gaussian_kl(mu, logsd, 1.0).sum(1)
+            if self.training and search and self.cfg.z_turn_penalty > 0:
+                turn = self.cfg.z_turn_penalty * self.z_encoder.turn_change(y, theta, t, ctf, mu)
         log_lik = self.log_likelihood(y, theta, t, z, ctf, fraction, k_max)
         elbo = log_lik - kl_z if search else log_lik - kl_tr - kl_theta - kl_z
         return {
@@ -178,6 +181,7 @@ class TargetVAE(nn.Module):
             "kl_theta": kl_theta,
             "kl_z": kl_z,
             "pose_nll": nll,
+            "z_turn": turn,
         }
 
     def searched_poses(
@@ -227,6 +231,7 @@ class TargetVAE(nn.Module):
             )
         else:
             out["consistency"] = torch.zeros_like(out["elbo"])
+        out["consistency"] = out["consistency"] + out.pop("z_turn")
         out["objective"] = out["elbo"] - out["consistency"] - out["pose_nll"]
         return out
 

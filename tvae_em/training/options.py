@@ -15,6 +15,8 @@ from ..errors import UserError
 # of 1 - cos(angle error) and per unit^2 of z change under an in-bin turn of the input.
 ANGLE_CONSISTENCY = 0.0
 Z_CONSISTENCY = 0.0
+# Aligned z: nats per unit^2 of z change under a turn of up to 5 deg (docs/model.md)
+Z_TURN_PENALTY = 10.0
 
 
 @dataclass
@@ -51,6 +53,7 @@ class TrainOptions:
     band_epochs: float | None = None
     z_source: str = "auto"
     pose_search_from: int | None = None
+    z_turn_penalty: float = Z_TURN_PENALTY
     model_overrides: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -84,6 +87,7 @@ class TrainOptions:
         for option, value in (
             ("--angle-consistency", self.angle_consistency),
             ("--z-consistency", self.z_consistency),
+            ("--z-turn-penalty", self.z_turn_penalty),
         ):
             if not _is_number(value) or not (math.isfinite(value) and value >= 0):
                 raise UserError(f"{option} {value}: must be a number >= 0 (0 turns it off)")
@@ -205,6 +209,7 @@ def model_config(opts: TrainOptions, stack) -> dict[str, Any]:
         "consistency_theta": opts.angle_consistency,
         "consistency_z": opts.z_consistency,
         "z_source": z_source(opts, likelihood),
+        "z_turn_penalty": opts.z_turn_penalty,
         "seed": opts.seed,
     }
     if opts.pixel_fraction is not None:
