@@ -274,23 +274,25 @@ def classify_with_templates(
             y = y.to(device).float()
             ctf = ctf_for(i) if ctf_for is not None else None
             start = torch.zeros(len(i), device=device)
-            found: list[PoseSearch | None] = [None] * k
+            best, win = None, torch.zeros(len(i), dtype=torch.long, device=device)
             for c in range(k):
-                if c not in empty:
-                    found[c] = search_poses(
-                        fine[c][None], y, ctf, start, model.cfg.t_sd_px, _sigma(model), config
-                    )
-                    scores[i, c] = found[c].value.double().cpu().numpy()
+                if c in empty:
+                    continue
+                f = search_poses(
+                    fine[c][None], y, ctf, start, model.cfg.t_sd_px, _sigma(model), config
+                )
+                scores[i, c] = f.value.double().cpu().numpy()
+                if best is None:
+                    best, win = f, win.fill_(c)
+                    continue
+                better = f.value > best.value  # strict: ties keep the first class, as argmax
+                win = torch.where(better, c, win)
+                best = PoseSearch(
+                    torch.where(better, f.theta, best.theta),
+                    torch.where(better[:, None], f.t, best.t),
+                    torch.where(better, f.value, best.value),
+                )
             # Only the winner's pose is kept, so only it is polished to sub-step precision.
-            win = torch.as_tensor(scores[i].argmax(1), device=device)
-            rows = torch.arange(len(i), device=device)
-            filler = next(f for f in found if f is not None)  # empty classes never win
-            each = [f if f is not None else filler for f in found]
-            best = PoseSearch(
-                torch.stack([f.theta for f in each], 1)[rows, win],
-                torch.stack([f.t for f in each], 1)[rows, win],
-                torch.stack([f.value for f in each], 1)[rows, win],
-            )
             th, tt = polish_poses(fine[win], y, ctf, best, config)
             theta[i], t[i] = th.double().cpu().numpy(), tt.double().cpu().numpy()
             if advance is not None:
