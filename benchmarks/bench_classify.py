@@ -62,7 +62,7 @@ def per_class_refine(fine, loader, n, k, ctf_all, config):
             i = idx.numpy()
             for c in range(k):
                 _, _, value = refine_poses(
-                    lambda z, th, tt, s, c=c: fine[c][None], y, torch.zeros(len(i), 1),
+                    lambda z, c=c: fine[c][None], y, torch.zeros(len(i), 1),
                     torch.zeros(len(i)), ctf_all[i], 2.0, 1.0, config,
                 )  # fmt: skip
                 scores[i, c] = value.numpy()

@@ -25,6 +25,11 @@ def glyph_render(z, theta, t, size):
     return transform_images(img, theta.float(), t.float() * size / BOX)
 
 
+def glyph_template(z):
+    """The 'model's' templates at pose 0 on the refinement grid (twice the box)."""
+    return glyph_render(z, torch.zeros(len(z)), torch.zeros(len(z), 2), 2 * BOX)
+
+
 @pytest.fixture(scope="module")
 def posed():
     rng = np.random.default_rng(11)
@@ -51,7 +56,7 @@ def _errors(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
 def test_refinement_recovers_continuous_angles_and_subpixel_shifts(posed):
     start = _binned(posed["theta"], 8)
     assert np.median(_errors(start, posed["theta"])) > 5  # the binned start is far off
-    theta, t, _ = refine_poses(glyph_render, posed["images"], posed["z"], start, None, t_sd_px=3.0)
+    theta, t, _ = refine_poses(glyph_template, posed["images"], posed["z"], start, None, 3.0)
     err = _errors(theta, posed["theta"])
     assert np.median(err) < 0.5 and np.quantile(err, 0.9) < 1.0 and err.max() < 2.5, err
     shift_err = (t - posed["t"]).norm(dim=1).numpy()
@@ -60,11 +65,11 @@ def test_refinement_recovers_continuous_angles_and_subpixel_shifts(posed):
 
 def test_a_half_turn_is_undone_by_the_global_pass(posed):
     start = wrap_angle(_binned(posed["theta"], 8) + math.pi)
-    theta, _, _ = refine_poses(glyph_render, posed["images"], posed["z"], start, None, 3.0)
+    theta, _, _ = refine_poses(glyph_template, posed["images"], posed["z"], start, None, 3.0)
     assert _errors(theta, posed["theta"]).max() < 1.5
     local = RefineConfig(global_step_deg=0.0)  # without it, the flip stays
     theta, _, _ = refine_poses(
-        glyph_render, posed["images"], posed["z"], start, None, 3.0, 1.0, local
+        glyph_template, posed["images"], posed["z"], start, None, 3.0, 1.0, local
     )
     assert np.median(_errors(theta, posed["theta"])) > 150
 
@@ -83,9 +88,9 @@ def test_refinement_uses_each_particles_ctf(posed):
     ctf = batch_ctf(params, np.full(N, 3.0), np.arange(N), BOX).float()
     observed = torch.fft.ifft2(torch.fft.fft2(posed["images"]) * ctf).real
     start = _binned(posed["theta"], 8)
-    theta, _, _ = refine_poses(glyph_render, observed, posed["z"], start, ctf, 3.0)
+    theta, _, _ = refine_poses(glyph_template, observed, posed["z"], start, ctf, 3.0)
     with_ctf = _errors(theta, posed["theta"])
-    theta, _, _ = refine_poses(glyph_render, observed, posed["z"], start, None, 3.0)
+    theta, _, _ = refine_poses(glyph_template, observed, posed["z"], start, None, 3.0)
     assert np.median(with_ctf) < 1.0, with_ctf
     assert np.median(with_ctf) < np.median(_errors(theta, posed["theta"]))
 
@@ -137,11 +142,11 @@ def test_a_template_shared_by_the_batch_gives_the_per_particle_result(posed):
     ctf = batch_ctf(params, np.full(N, 3.0), np.arange(N), BOX).float()
     start = torch.zeros(N)
 
-    def shared(z, theta, t, size):
-        return glyph_render(z[:1], theta[:1], t[:1], size)  # (1, size, size)
+    def shared(z):
+        return glyph_template(z[:1])  # (1, 2D, 2D)
 
     for c in (None, ctf):
-        a = refine_poses(glyph_render, posed["images"], posed["z"], start, c, 3.0)
+        a = refine_poses(glyph_template, posed["images"], posed["z"], start, c, 3.0)
         b = refine_poses(shared, posed["images"], posed["z"], start, c, 3.0)
         for x, y in zip(a, b, strict=True):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-4)
@@ -171,15 +176,15 @@ def test_the_coarse_global_pass_finds_the_poses_of_large_boxes():
         n, box, box, generator=torch.Generator().manual_seed(0)
     )
 
-    def render(z, th, tt, size):
-        return torch.from_numpy(render_glyph("F", size, height=0.5))[None]
+    def template(z):
+        return fine
 
     start = wrap_angle(_binned(theta, 8) + math.pi)
     z = torch.zeros(n, 1)
     for coarse in (32, None):
         cfg = RefineConfig(coarse_box=coarse)
         got, tt, _ = refine_poses(
-            render, observed, z, start, ctf, 4.0, 0.3 * float(clean.std()), cfg
+            template, observed, z, start, ctf, 4.0, 0.3 * float(clean.std()), cfg
         )
         assert _errors(got, theta).max() < 1.5, (coarse, _errors(got, theta))
         assert (tt - t).norm(dim=1).max() < 0.5
@@ -204,9 +209,7 @@ def test_classification_polishes_only_the_winner_and_matches_per_class_refinemen
         Model(), loader, N, None, torch.device("cpu"), lambda i: ctf, images=fine.numpy()
     )
     per_class = [
-        refine_poses(
-            lambda z, th, t, s, c=c: fine[c][None], observed, posed["z"], torch.zeros(N), ctf, 3.0
-        )
+        refine_poses(lambda z, c=c: fine[c][None], observed, posed["z"], torch.zeros(N), ctf, 3.0)
         for c in range(3)
     ]
     values = torch.stack([v for _, _, v in per_class], 1)
@@ -218,3 +221,23 @@ def test_classification_polishes_only_the_winner_and_matches_per_class_refinemen
     np.testing.assert_allclose(found.theta, theta.numpy(), atol=1e-4)
     np.testing.assert_allclose(found.t, t.numpy(), atol=1e-4)
     np.testing.assert_allclose(found.score, values.max(1).values.numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("box", [16, 17])
+def test_refine_templates_of_the_real_space_renderer_interpolate_its_box_rendering(box):
+    # the real-space renderer renders the refinement's template at the box and pads its spectrum
+    # to twice the size: every other pixel (from the centre) is then the box rendering itself;
+    # the Fourier renderer renders at twice the size directly
+    from tvae_em.model import ModelConfig, TargetVAE
+
+    torch.manual_seed(0)
+    z = torch.randn(3, 2)
+    zero, t0 = torch.zeros(3), torch.zeros(3, 2)
+    real = TargetVAE(ModelConfig(box=box, renderer="real", z_dim=2))
+    fine = real.refine_templates(z)
+    assert fine.shape == (3, 2 * box, 2 * box)
+    o = box % 2  # box pixel D//2 (the centre) is fine pixel D
+    coarse = fine[:, o::2, o::2]
+    torch.testing.assert_close(coarse, real.render(z, zero, t0, box), atol=1e-5, rtol=0)
+    spectral = TargetVAE(ModelConfig(box=box, renderer="fourier", z_dim=2))
+    torch.testing.assert_close(spectral.refine_templates(z), spectral.render(z, zero, t0, 2 * box))

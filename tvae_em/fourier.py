@@ -92,33 +92,39 @@ def fourier_crop(images: np.ndarray | torch.Tensor, size: int) -> np.ndarray | t
     return torch.fft.irfft2(out, s=(size, size)) * (size / d) ** 2
 
 
-def fourier_pad(images: np.ndarray, size: int) -> np.ndarray:
-    """Upsample (B, D, D) images to (B, size, size) by zero-padding their centred transform.
+def fourier_pad(images: np.ndarray | torch.Tensor, size: int) -> np.ndarray | torch.Tensor:
+    """Upsample (..., D, D) images to (..., size, size) by zero-padding their centred transform:
+    numpy in, float32 numpy out (computed in float64); a tensor in, a tensor out (same device
+    and dtype).
 
     The inverse of `fourier_crop` on band-limited images: pixel values are kept, the centre pixel
     D//2 lands on size//2, and the Nyquist coefficient of an even D is split equally between the
     frequencies +D/2 and -D/2 of the larger grid (so the result stays real and symmetric).
     """
+    if not isinstance(images, torch.Tensor):
+        x = torch.from_numpy(np.asarray(images, dtype=np.float64))
+        return fourier_pad(x, size).numpy().astype(np.float32)
     d = images.shape[-1]
     if size < d:
         raise ValueError(f"fourier_pad cannot shrink {d} to {size}")
     if size == d:
-        return np.array(images, dtype=np.float32, copy=True)
-    spec = np.fft.fft2(np.asarray(images, dtype=np.float64))  # (B, D, D), origin at pixel 0
-    k = np.rint(np.fft.fftfreq(d) * d).astype(np.int64)  # (D,) input frequencies
-    ramp = np.exp(2j * np.pi * k * (d // 2) / d)  # phase origin -> pixel D//2 (same at +-D/2)
+        return images.clone()
+    dev = images.device
+    cdtype = torch.complex128 if images.dtype == torch.float64 else torch.complex64
+    spec = torch.fft.fft2(images).to(cdtype)  # (..., D, D), origin at pixel 0
+    k = torch.round(torch.fft.fftfreq(d, device=dev) * d).long()  # (D,) input frequencies
+    ramp = torch.exp(2j * math.pi * k * (d // 2) / d).to(cdtype)  # origin -> pixel D//2
     spec = spec * (ramp[:, None] * ramp[None, :])
-    place = np.zeros((size, d))  # (size, D): input frequency -> output frequency, with weights
-    place[k % size, np.arange(d)] = 1.0
+    place = torch.zeros(size, d, dtype=cdtype, device=dev)  # input -> output frequency, weighted
+    place[k % size, torch.arange(d, device=dev)] = 1.0
     if d % 2 == 0:  # the Nyquist coefficient (k = -D/2) is split between -D/2 and +D/2
         place[(-d // 2) % size, d // 2] = 0.5
         place[d // 2, d // 2] = 0.5
-    out = place @ spec @ place.T  # (B, size, size), phase origin at the centre pixel
-    kout = np.rint(np.fft.fftfreq(size) * size)
-    ramp = np.exp(-2j * np.pi * kout * (size // 2) / size)  # phase origin back to pixel 0
+    out = place @ spec @ place.T  # (..., size, size), phase origin at the centre pixel
+    kout = torch.round(torch.fft.fftfreq(size, device=dev) * size)
+    ramp = torch.exp(-2j * math.pi * kout * (size // 2) / size).to(cdtype)  # origin -> pixel 0
     out = out * (ramp[:, None] * ramp[None, :])
-    y = np.fft.ifft2(out).real * (size / d) ** 2
-    return y.astype(np.float32)
+    return (torch.fft.ifft2(out).real * (size / d) ** 2).to(images.dtype)
 
 
 def fourier_resize(images: np.ndarray, size: int) -> np.ndarray:

@@ -38,6 +38,11 @@ def rotation_matrix(theta: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
 
 
+def same_rows(x: torch.Tensor) -> bool:
+    """Whether every row of x (B, ...) equals the first (one pose or angle set for a batch)."""
+    return bool((x == x[:1]).all())
+
+
 def undo_pose(p: torch.Tensor, theta: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """R(-theta) (p - t): where a particle at pose (theta, t) samples its template at pixels p.
 

@@ -305,12 +305,10 @@ def classify_with_templates(
 
 def model_templates(model: torch.nn.Module, z: np.ndarray, device: torch.device) -> torch.Tensor:
     """(K, 2D, 2D) the model's noise-free, CTF-free templates of latents z (K, Z) at pose 0,
-    rendered once at twice the box (the grid `refine_poses` turns them on)."""
+    rendered once at twice the box (`TargetVAE.refine_templates`, the grid `refine_poses` turns)."""
     zc = torch.as_tensor(z, dtype=torch.float32, device=device)
-    zero = zc.new_zeros(len(zc))
     with torch.inference_mode(), torch.autocast(device.type, enabled=False):
-        out = model.render(zc, zero, zc.new_zeros(len(zc), 2), 2 * model.cfg.box)
-    return out.float()
+        return model.refine_templates(zc).float()
 
 
 def run_inference(
@@ -340,7 +338,7 @@ def run_inference(
                 out = model.embed(y, with_elbo=with_elbo, ctf=ctf)
             if refine is not None:
                 out["theta"], out["t"], _ = refine_poses(
-                    model.render, y, out["z_mu"], out["theta"], ctf, model.cfg.t_sd_px,
+                    model.refine_templates, y, out["z_mu"], out["theta"], ctf, model.cfg.t_sd_px,
                     _sigma(model), refine,
                 )  # fmt: skip
                 if model.z_encoder is not None:  # z of the particle aligned by the refined pose

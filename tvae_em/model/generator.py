@@ -35,11 +35,13 @@ class CoordinateNetwork(nn.Module):
         self.body = nn.Sequential(*body)
 
     def network(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """(B, P, 2) coordinates, (B, Z) latents -> (B, P, outputs)."""
+        """(B, P, 2) coordinates, (B, Z) latents -> (B, P, outputs). Coordinates shared by the
+        batch may come as (1, P, 2): their features and first layer are then computed once."""
         with torch.autocast(x.device.type, enabled=False):  # phases need float32 precision
-            feats = torch.cos(torch.matmul(x.float(), self.freq.T) + self.phase)  # (B, P, F)
-        h = F.linear(feats, self.coord.weight)  # (B, P, H)
-        h += (self.coord.bias + self.latent(z))[:, None, :]  # z enters linearly, per image
+            feats = torch.cos(torch.matmul(x.float(), self.freq.T) + self.phase)  # (B|1, P, F)
+        h = F.linear(feats, self.coord.weight)  # (B|1, P, H)
+        zh = (self.coord.bias + self.latent(z))[:, None, :]  # (B, 1, H): z enters linearly
+        h = h.add_(zh) if h.shape[0] == zh.shape[0] else h + zh  # (B, P, H)
         h = F.leaky_relu(h, LEAKY_SLOPE, inplace=True)  # in place: saves two passes per step
         return self.body(h)
 

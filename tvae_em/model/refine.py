@@ -14,13 +14,14 @@ and shift are then interpolated to sub-step precision (a parabola through the ne
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..fourier import apply_ctf, fourier_crop, shift_images
-from ..geometry import pixel_grid, rotation_matrix, wrap_angle
+from ..geometry import pixel_grid, rotation_matrix, same_rows, wrap_angle
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ def rotated_templates(fine: torch.Tensor, theta: torch.Tensor, box: int) -> torc
     """
     b, j = theta.shape
     if fine.shape[0] == 1 and b > 1:
-        if _same_rows(theta):
+        if same_rows(theta):
             return rotated_templates(fine, theta[:1], box).expand(b, -1, -1, -1)
         fine = fine.expand(b, -1, -1)
     size = fine.shape[-1]
@@ -128,7 +129,7 @@ class PoseSearch:
 
 
 def refine_poses(
-    render,
+    template: Callable[[torch.Tensor], torch.Tensor],
     y: torch.Tensor,
     z: torch.Tensor,
     theta0: torch.Tensor,
@@ -139,13 +140,13 @@ def refine_poses(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Refined angle theta (B,) rad, shift t (B, 2) px and score (B,) of particles y (B, D, D).
 
-    render(z, theta, t, size) -> (B, size, size) is the model's noise-free image (pose 0 here),
-    or (1, size, size) for one template shared by the batch;
-    z (B, Z) the particles' latents, theta0 (B,) the encoder's angles, ctf (B, D, D) or None.
+    template(z) -> (B, 2D, 2D) is the model's noise-free image of each z at pose 0 at twice the
+    box (the same field of view; `TargetVAE.refine_templates`), or (1, 2D, 2D) for one template
+    shared by the batch; z (B, Z) the particles' latents, theta0 (B,) the encoder's angles,
+    ctf (B, D, D) or None.
     """
-    b, d, _ = y.shape
     with torch.autocast(y.device.type, enabled=False):
-        fine = render(z, z.new_zeros(b), z.new_zeros(b, 2), 2 * d).float()  # (B or 1, 2D, 2D)
+        fine = template(z).float()  # (B or 1, 2D, 2D)
         found = search_poses(fine, y, ctf, theta0, t_sd_px, sigma, config)
         theta, t = polish_poses(fine, y, ctf, found, config)
     return theta, t, found.value
@@ -236,18 +237,13 @@ def _model_spectra(fine, ctf, angles: torch.Tensor, box: int) -> torch.Tensor:
     """Half-plane spectra (B, J, D, D//2+1) of the templates turned by angles (B, J) times each
     particle's CTF: `_model_images` without the FFT round trip (the CTF is Hermitian, so its
     first D//2+1 columns act on the real FFT as the full filter acts on the full one)."""
-    shared = fine.shape[0] == 1 and _same_rows(angles)  # one template, one set of angles
+    shared = fine.shape[0] == 1 and same_rows(angles)  # one template, one set of angles
     fm = torch.fft.rfft2(rotated_templates(fine, angles[:1] if shared else angles, box).float())
     if shared and ctf is None:
         return fm.expand(angles.shape[0], -1, -1, -1)
     if ctf is not None:
         fm = fm * ctf[:, None, :, : box // 2 + 1].float()
     return fm
-
-
-def _same_rows(theta: torch.Tensor) -> bool:
-    """Whether every row of theta (B, J) equals the first."""
-    return bool((theta == theta[:1]).all())
 
 
 def _model_images(fine, ctf, angles: torch.Tensor, box: int) -> torch.Tensor:

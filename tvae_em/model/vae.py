@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..fourier import apply_ctf
-from ..geometry import object_centroid, pixel_grid, undo_pose
+from ..fourier import apply_ctf, fourier_pad
+from ..geometry import object_centroid, pixel_grid, same_rows, undo_pose
 from .aligned import AlignedLatent
 from .config import ModelConfig
 from .consistency import pose_consistency
@@ -194,7 +194,7 @@ class TargetVAE(nn.Module):
             ro = read_out(post, self.cfg.rotations, self.cfg.cell_side)
             z = self.latent_at(y, ro["theta"], ro["t"], ctf)[0] if self.z_encoder else ro["z_mu"]
             theta, t, _ = refine_poses(
-                self.render, y, z, ro["theta"], ctf, self.cfg.t_sd_px, self.likelihood.sd,
+                self.refine_templates, y, z, ro["theta"], ctf, self.cfg.t_sd_px, self.likelihood.sd,
                 TRAINING_SEARCH,
             )  # fmt: skip
         return theta.detach(), t.detach()
@@ -256,9 +256,23 @@ class TargetVAE(nn.Module):
         size = size or self.cfg.box
         if self.band is not None:
             return render_spectral(self.generator, z, theta, t, self.cfg.box, size)
-        p = pixel_grid(size, z.device).reshape(1, size * size, 2).expand(z.shape[0], -1, -1)
-        out = self.generator(pose_coordinates(p, theta, t, size), z).float()
-        return self.likelihood.mean(out).reshape(-1, size, size)
+        p = pixel_grid(size, z.device).reshape(1, size * size, 2)
+        if len(z) > 1 and not (same_rows(theta) and same_rows(t)):
+            p = p.expand(z.shape[0], -1, -1)  # else one pose: the first layer runs once
+        else:
+            theta, t = theta[:1], t[:1]
+        out = self.generator(pose_coordinates(p, theta, t, size), z).float()  # (B, P)
+        return self.likelihood.mean(out).expand(len(z), -1).reshape(-1, size, size)
+
+    def refine_templates(self, z: torch.Tensor) -> torch.Tensor:
+        """Templates (B, 2D, 2D) of z (B, Z) at pose 0 on the grid `refine.refine_poses` turns:
+        twice the box, the same field of view. The Fourier renderer renders there exactly (its
+        band ends at the model's Nyquist); the real-space one renders at the box and pads the
+        spectrum (a quarter of the generator's evaluations; particles are sampled at the box)."""
+        zero, d = z.new_zeros(len(z)), self.cfg.box
+        if self.band is not None:
+            return self.render(z, zero, z.new_zeros(len(z), 2), 2 * d)
+        return fourier_pad(self.render(z, zero, z.new_zeros(len(z), 2), d).float(), 2 * d)
 
     def template_centre(self, z: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """(B, 2) centroid (x, y) in pixels of each template at pose 0 (its object's centre).
