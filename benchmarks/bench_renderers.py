@@ -9,7 +9,14 @@ Each round times one step (forward, backward, Adam, and the batch's CTF as the t
 computes it) of every variant in turn, so load from other jobs hits all variants alike; the
 minimum over rounds is reported, with the ratio to the code path that was the default for stars
 with defocus before issue 10 (real-space generator on every pixel + FFT CTF, every pixel a cell).
-Random images stand in for data (the cost does not depend on the pixel values).
+Random images stand in for data (the cost does not depend on the pixel values). Variants marked
+"bf16" run under bf16 autocast whatever --amp says (on the CPU: the default where it has bf16
+arithmetic, `runtime.native_bf16`), those marked "search" render at searched poses (the default
+from epoch 2 for gaussian data); `--schedule` times the band ramp both ways.
+
+    python benchmarks/bench_renderers.py --box 32 64 --batch 16 --rounds 4 --schedule --only \
+        "fourier, CTF, band at Nyquist" "fourier, CTF, band at Nyquist, bf16" \
+        "fourier, CTF, Nyquist, search" "fourier, CTF, Nyquist, search, bf16"
 """
 
 from __future__ import annotations
@@ -50,6 +57,24 @@ VARIANTS = {
         True,
         None,
     ),
+    "fourier, CTF, band at Nyquist, bf16": (dict(renderer="fourier", amp=True), True, None),
+    "fourier, CTF, Nyquist, hidden 256, bf16": (
+        dict(renderer="fourier", generator_hidden=256, amp=True),
+        True,
+        None,
+    ),
+    # today's default model for gaussian data, from epoch 2 (the pose search; z from the aligned
+    # particle and its turn penalty)
+    "fourier, CTF, Nyquist, search": (
+        dict(renderer="fourier", z_source="aligned", z_turn_penalty=10.0, search=True),
+        True,
+        None,
+    ),
+    "fourier, CTF, Nyquist, search, bf16": (
+        dict(renderer="fourier", z_source="aligned", z_turn_penalty=10.0, search=True, amp=True),
+        True,
+        None,
+    ),
 }
 BASELINE = "real, CTF, full cell grid (old default)"
 # the default schedule's bands (fractions of Nyquist) across its ramp: 0.3 -> 1 over 40% of a run
@@ -66,18 +91,20 @@ REFERENCE_LIKE = dict(
 
 def make_step(box: int, args, overrides: dict, with_ctf: bool, k_max):
     device = torch.device(args.device)
+    overrides = dict(overrides)
+    use_amp, search = overrides.pop("amp", args.amp), overrides.pop("search", False)
     cfg = ModelConfig(box=box, z_dim=args.z_dim, rotations=args.rotations, **overrides)
     model = TargetVAE(cfg).to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     y = torch.randn(args.batch, box, box, device=device)
     params = random_ctf_params(args.batch, np.random.default_rng(0))
     apix, idx = np.full(args.batch, 4.0), np.arange(args.batch)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
 
     def step() -> None:
         ctf = batch_ctf(params, apix, idx, box, device) if with_ctf else None
         with amp:
-            loss = -model(y, ctf=ctf, k_max=k_max)["objective"].mean()
+            loss = -model(y, ctf=ctf, k_max=k_max, search=search)["objective"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -96,7 +123,7 @@ def main() -> None:
     p.add_argument("--rotations", type=int, default=8)
     p.add_argument("--z-dim", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for every variant")
     p.add_argument("--only", nargs="*", help="variants to run (names as printed)")
     p.add_argument(
         "--schedule",
@@ -116,11 +143,12 @@ def main() -> None:
     variants[BASELINE] = VARIANTS[BASELINE]
     if args.schedule:
         for f in RAMP:
-            variants[f"fourier, CTF, band {f:g} x Nyquist"] = (
-                dict(renderer="fourier"),
-                True,
-                f / 2,
-            )
+            for tag, extra in (("", {}), (", bf16", {"amp": True})):
+                variants[f"fourier, CTF, band {f:g} x Nyquist{tag}"] = (
+                    dict(renderer="fourier", **extra),
+                    True,
+                    f / 2,
+                )
     if args.reference_like:
         variants["published sizes (reference-like), no CTF"] = (REFERENCE_LIKE, False, None)
     names = list(variants)
@@ -139,12 +167,16 @@ def main() -> None:
                    "particles_per_s": round(args.batch / best, 1),
                    "speed_vs_old_default": round(base / best, 2)}  # fmt: skip
             print(json.dumps(row), flush=True)
-        if args.schedule:  # 40% of the run on the ramp (mean of its bands), 60% at Nyquist
-            ramp = np.mean([min(times[f"fourier, CTF, band {f:g} x Nyquist"]) for f in RAMP])
-            run = 0.4 * ramp + 0.6 * min(times["fourier, CTF, band at Nyquist"])
+        for tag in ("", ", bf16") if args.schedule else ():
+            # 40% of the run on the ramp (mean of its bands), 60% at Nyquist
+            ramp = np.mean([min(times[f"fourier, CTF, band {f:g} x Nyquist{tag}"]) for f in RAMP])
+            nyquist = times.get(f"fourier, CTF, band at Nyquist{tag}")
+            if not nyquist:
+                continue
+            run = 0.4 * ramp + 0.6 * min(nyquist)
             row = {
                 "box": box,
-                "variant": "default run (schedule + Nyquist)",
+                "variant": f"default run (schedule + Nyquist){tag}",
                 "step_s_mean": round(run, 3),
                 "speed_vs_old_default": round(base / run, 2),
             }

@@ -63,6 +63,7 @@ class EmbedOptions:
     input_apix: float | None = None
     num_workers: int = 0
     with_elbo: bool = True
+    amp: bool = True
     checkpoint: str = "last"
     seed: int = 0
     recentre: str = "class"
@@ -162,8 +163,9 @@ def embed_particles(opts: EmbedOptions, progress: ProgressFactory = no_progress)
         t0 = time.perf_counter()
         per_particle = None if by_templates else refine  # templates: the poses come from there
         emb = run_inference(
-            model, loader, n, dev, opts.with_elbo, ctf_for, advance, opts.seed, per_particle
-        )
+            model, loader, n, dev, opts.with_elbo, ctf_for, advance, opts.seed, per_particle,
+            amp=opts.amp,
+        )  # fmt: skip
         seconds = time.perf_counter() - t0
     emb.check_finite(input, f"the model of {run_dir} gives NaN for it (a diverged checkpoint?)")
 

@@ -1,8 +1,9 @@
 """Batched inference: per-particle pose and latent from a trained model, and their npz form.
 
-Inference runs without gradients on the exported (plain torch) model, with bf16 autocast on CUDA;
-images are streamed batch by batch, normalised as in training, and results go into preallocated
-arrays, so memory does not grow with the stack beyond one row of numbers per particle.
+Inference runs without gradients on the exported (plain torch) model, with bf16 autocast where
+the device has bf16 arithmetic (`runtime.native_bf16`); images are streamed batch by batch,
+normalised as in training, and results go into preallocated arrays, so memory does not grow with
+the stack beyond one row of numbers per particle.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .errors import UserError
 from .geometry import relion_pose
 from .model.refine import PoseSearch, RefineConfig, polish_poses, refine_poses, search_poses
 from .progress import Advance
+from .runtime import native_bf16
 
 NPZ_KEYS = ("z_mu", "theta_rad", "t_px", "psi_deg", "origin_A", "class", "apix")
 
@@ -321,12 +323,13 @@ def run_inference(
     advance: Advance | None = None,
     seed: int = 0,
     refine: RefineConfig | None = None,
+    amp: bool = True,
 ) -> Embedding:
     """Embed every batch (indices, images) of `loader` with `model.embed` into an Embedding;
     with `refine`, each pose is then refined against the particle's own template
     (`tvae_em.model.refine`), with its CTF when `ctf_for` is given."""
     emb = Embedding.empty(n, model.cfg.z_dim)
-    use_amp = device.type == "cuda"
+    use_amp = amp and native_bf16(device)  # the encoder and the ELBO; refinement is float32
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.inference_mode():
         torch.manual_seed(seed)  # the ELBO's one Gumbel-softmax sample is reproducible

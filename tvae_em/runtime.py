@@ -30,6 +30,19 @@ def resolve_device(spec: str) -> torch.device:
     raise UserError(f"--device {spec}: expected auto, cpu, cuda or cuda:K")
 
 
+BF16_CPU_CHECKS = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu probes
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast speeds up `device`: CUDA, or a CPU with bf16 arithmetic (AVX512-BF16
+    or AMX; elsewhere bf16 is emulated and slower than float32)."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in BF16_CPU_CHECKS)
+
+
 def distributed_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -113,6 +113,12 @@ from .options import (
     show_default=True,
     help="Per-particle ELBO (renders every particle: about half the time).",
 )
+@click.option(
+    "--amp/--no-amp",
+    default=True,
+    show_default=True,
+    help="bf16 autocast for the encoder and the ELBO on CUDA and on CPUs with bf16 arithmetic.",
+)
 @checkpoint_option()
 @datadir_option()
 @input_apix_option("Pixel size in A of INPUT (overrides the files).")

@@ -151,7 +151,12 @@ from .options import (
 )
 @seed_option()
 @device_option()
-@click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA.")
+@click.option(
+    "--amp/--no-amp",
+    default=True,
+    show_default=True,
+    help="bf16 autocast on CUDA and on CPUs with bf16 arithmetic (AVX512-BF16, AMX).",
+)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (CUDA only).")
 @num_workers_option()
 @click.option(

@@ -70,7 +70,8 @@ def fit(
     say(
         f"tvae-em {__version__}: {n} particles, box {s.stack.box}, "
         f"{s.model_cfg['likelihood']} likelihood, "
-        f"CTF {'on' if s.ctf is not None else 'off'}, device {s.device}, world size {s.world}"
+        f"CTF {'on' if s.ctf is not None else 'off'}, device {s.device}"
+        f"{' (bf16 autocast)' if s.use_amp else ''}, world size {s.world}"
     )
     if s.start_epoch > 0:
         say(f"resuming from epoch {s.start_epoch} of {s.run.path}")

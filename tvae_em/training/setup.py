@@ -13,7 +13,7 @@ from ..data import Normalisation, estimate_normalisation
 from ..errors import UserError
 from ..io import ParticleStack
 from ..run import RunFolder, RunLock, read_metrics, run_config
-from ..runtime import distributed_env, resolve_device, seed_everything, set_rng_state
+from ..runtime import distributed_env, native_bf16, resolve_device, seed_everything, set_rng_state
 from .options import BandSchedule, TrainOptions, band_schedule, model_config
 
 # What a checkpoint must hold to be resumed.
@@ -152,7 +152,7 @@ def prepare(opts: TrainOptions, resume: bool = False, explicit: set[str] | None 
         ctf=ctf,
         band=band_schedule(opts, cfg.get("renderer", "real")),
         device=device,
-        use_amp=opts.amp and device.type == "cuda",
+        use_amp=opts.amp and native_bf16(device),
         start_epoch=start_epoch,
         best_loss=best,
         rank=rank,
