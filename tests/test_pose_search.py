@@ -99,6 +99,31 @@ def test_searched_poses_recover_the_pose_from_an_offset_start(monkeypatch):
     assert not got_theta.requires_grad
 
 
+def test_the_training_search_undoes_a_half_turn_of_the_encoder(monkeypatch):
+    # the training search has no global pass, but it also searches around the half-turned angle:
+    # an encoder that flipped a particle by 180 deg (+ 6 deg) gets the right pose back
+    from tvae_em.model import vae
+    from tvae_em.model.refine import RefineConfig, refine_poses
+
+    box, n = 32, 16
+    model = TargetVAE(ModelConfig(box=box, renderer="fourier", z_dim=2))
+    rng = np.random.default_rng(4)
+    theta = torch.from_numpy(rng.uniform(-math.pi, math.pi, n)).float()
+    t = torch.from_numpy(rng.uniform(-2.0, 2.0, (n, 2))).float()
+    fine = torch.from_numpy(render_glyph("F", 2 * box, height=0.5))[None]
+    y = shift_images(rotated_templates(fine, theta[:, None], box)[:, 0], t)
+    start = {"theta": theta + math.pi + math.radians(6.0), "t": t, "z_mu": torch.zeros(n, 2)}
+    monkeypatch.setattr(vae, "read_out", lambda post, n_, side: start)
+    monkeypatch.setattr(model, "render", lambda z, th, tt, size: fine.expand(len(z), -1, -1))
+    got, _ = model.searched_poses(y, None, None)
+    err = torch.rad2deg((got - theta + math.pi) % (2 * math.pi) - math.pi).abs()
+    assert err.max() < 1.0, err
+    local = RefineConfig(global_step_deg=0.0, local_span_deg=15.0, local_step_deg=1.5)
+    kept, _, _ = refine_poses(lambda z: fine, y, start["z_mu"], start["theta"], None, 1.6, 1, local)
+    off = torch.rad2deg((kept - theta + math.pi) % (2 * math.pi) - math.pi).abs()
+    assert off.min() > 150  # without the half-turn window every flip stays
+
+
 def test_training_searches_poses_from_the_epoch_asked(tmp_path):
     images, _ = glyphs(32, box=16, seed=2, n_classes=2, t_sd_px=1.0)
     star = write_particle_set(tmp_path / "data", images, apix=2.0)

@@ -28,7 +28,9 @@ from ..geometry import pixel_grid, rotation_matrix, same_rows, wrap_angle
 class RefineConfig:
     """Angular search: a global pass at `global_step_deg` over the circle (0: skip it, search
     only around the encoder's angle), then a local pass of +-`local_span_deg` at
-    `local_step_deg`; shifts up to `max_shift_px` from the box centre. The global pass scores
+    `local_step_deg` (with `half_turns`, also around the angle plus 180 deg: a search without the
+    global pass that can still undo an encoder's half-turn flip); shifts up to `max_shift_px`
+    from the box centre. The global pass scores
     Fourier-cropped copies at `coarse_box` (a low-resolution first pass, as refinement programs
     start; it picks the angle, the local pass scores at full size)."""
 
@@ -37,6 +39,7 @@ class RefineConfig:
     local_step_deg: float = 1.0
     max_shift_px: float | None = None  # None: a quarter of the box
     coarse_box: int | None = 32  # the global pass on copies cropped to this box (None: full)
+    half_turns: bool = False  # the local pass also around the half-turned angle
 
 
 def rotated_templates(fine: torch.Tensor, theta: torch.Tensor, box: int) -> torch.Tensor:
@@ -188,6 +191,8 @@ def search_poses(
     step = math.radians(config.local_step_deg)
     k = max(1, round(config.local_span_deg / config.local_step_deg))
     angles = centre[:, None] + torch.arange(-k, k + 1, device=dev)[None] * step  # (B, 2k+1)
+    if config.half_turns:
+        angles = torch.cat([angles, angles + math.pi], 1)  # (B, 2(2k+1))
     prior = shift_log_prior(d, t_sd_px, max_px, dev)
     scores, (a, row, col, value) = _search(fine, y, ctf, angles, prior, sigma)
     i = torch.arange(b, device=dev)

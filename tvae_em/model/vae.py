@@ -43,7 +43,9 @@ from .spectral import (
 from .spectral import render_image as render_spectral
 
 # The pose search of training (`TargetVAE.searched_poses`): local, around the encoder's angle.
-TRAINING_SEARCH = RefineConfig(global_step_deg=0.0, local_span_deg=15.0, local_step_deg=1.5)
+TRAINING_SEARCH = RefineConfig(
+    global_step_deg=0.0, local_span_deg=15.0, local_step_deg=1.5, half_turns=True
+)
 
 
 def full_precision(device: torch.device):
