@@ -488,6 +488,7 @@ COLUMNS = [
     ("tc_kmeans", "TC k-means", "{:.3f}"),
     ("rho_best", "|rho| best z", "{:.3f}"),
     ("rho_pc1", "|rho| z PC1", "{:.3f}"),
+    ("rho_direction", "|rho| z direction", "{:.3f}"),
     ("train_seconds", "train s", "{:.0f}"),
     ("train_particles_per_s", "train p/s", "{:.1f}"),
 ]

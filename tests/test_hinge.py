@@ -51,4 +51,10 @@ def test_latent_parameter_correlation_finds_the_carrying_coordinate():
     assert out["rho_best_dim"] == 2 and out["rho_best"] > 0.99  # rank: monotone, sign ignored
     assert out["rho_pc1"] > 0.9  # the widest direction (sd 2.2 against 1) is the motion
     noise = latent_parameter_correlation(rng.normal(size=(500, 2)), param)
-    assert noise["rho_best"] < 0.15
+    assert noise["rho_best"] < 0.15 and noise["rho_direction"] < 0.15
+    # the motion along a diagonal of z and a wide nuisance along the other: each coordinate
+    # mixes the two, the best direction finds the motion
+    axes = np.stack([param + rng.normal(size=500), 20 * rng.normal(size=500)], 1)
+    turned = axes @ (np.array([[1.0, 1.0], [-1.0, 1.0]]) / np.sqrt(2))
+    diag = latent_parameter_correlation(turned, param)
+    assert diag["rho_direction"] > 0.95 > 0.8 > diag["rho_best"]

@@ -391,9 +391,11 @@ def pose_scores(
 
 def latent_parameter_correlation(z: np.ndarray, param: np.ndarray) -> dict[str, object]:
     """How well a latent z (n, Z) carries a hidden continuous parameter (n,): the Spearman rank
-    correlation of each coordinate with it (best |rho| and its coordinate, 1-based) and of the
-    first principal component of z (the sign of a correlation is arbitrary, so |rho| counts)."""
-    from scipy.stats import spearmanr
+    correlation of each coordinate with it (best |rho| and its coordinate, 1-based), of the
+    first principal component of z, and of the best direction in z (the least-squares fit of the
+    parameter's ranks on z: the prior N(0, I) does not fix z's axes, so a motion may lie along
+    any direction). The sign of a correlation is arbitrary, so |rho| counts."""
+    from scipy.stats import rankdata, spearmanr
 
     z = np.asarray(z, dtype=np.float64).reshape(len(z), -1)
     rho = np.array([spearmanr(z[:, j], param)[0] for j in range(z.shape[1])])
@@ -401,9 +403,12 @@ def latent_parameter_correlation(z: np.ndarray, param: np.ndarray) -> dict[str, 
     best = int(np.argmax(np.abs(rho)))
     centred = z - z.mean(0)
     pc1 = centred @ np.linalg.svd(centred, full_matrices=False)[2][0]
+    ranks = rankdata(param)
+    direction = np.linalg.lstsq(centred, ranks - ranks.mean(), rcond=None)[0]  # (Z,)
     return {
         "rho_best": float(abs(rho[best])),
         "rho_best_dim": best + 1,
         "rho_pc1": float(abs(np.nan_to_num(spearmanr(pc1, param)[0]))),
+        "rho_direction": float(abs(np.nan_to_num(spearmanr(centred @ direction, param)[0]))),
         "rho_dims": np.abs(rho).tolist(),
     }
