@@ -209,14 +209,14 @@ def test_embed_and_generate_run_on_a_fourier_model(tmp_path):
 
 
 def test_one_angle_for_the_batch_renders_as_one_angle_per_particle():
-    """render_spectrum runs the generator's first layer once when the batch shares an angle (the
-    refinement's templates at pose 0); the spectra must equal those of each particle alone."""
+    """render_spectrum with one angle (1,) for the batch (the refinement's templates at pose 0)
+    runs the generator's first layer once; the spectra must equal those of each particle alone."""
     torch.manual_seed(3)
     gen = TargetVAE(ModelConfig(box=16, renderer="fourier", z_dim=2)).generator
     freqs, _ = half_plane_frequencies(16)
     z, t = torch.randn(4, 2), torch.randn(4, 2)
     theta = torch.full((4,), 0.7)
-    shared = render_spectrum(gen, freqs, z, theta, t, 16)
+    shared = render_spectrum(gen, freqs, z, theta[:1], t, 16)
     each = torch.cat([render_spectrum(gen, freqs, z[i : i + 1], theta[i : i + 1], t[i : i + 1], 16)
                       for i in range(4)])  # fmt: skip
     assert torch.allclose(shared, each, atol=1e-5)
@@ -229,7 +229,8 @@ def test_real_space_render_of_one_pose_for_the_batch_equals_particle_by_particle
     model = TargetVAE(ModelConfig(box=16, renderer="real", z_dim=2))
     z = torch.randn(3, 2)
     theta, t = torch.full((3,), 0.4), torch.tensor([[1.0, -0.5]]).repeat(3, 1)
-    shared = model.render(z, theta, t, 32)
+    shared = model.render(z, theta[:1], t[:1], 32)  # one pose for the batch
     each = torch.cat([model.render(z[i : i + 1], theta[:1], t[:1], 32) for i in range(3)])
+    torch.testing.assert_close(model.render(z, theta, t, 32), shared)  # the same pose, per row
     assert shared.shape == (3, 32, 32)
     assert torch.allclose(shared, each, atol=1e-5)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..fourier import centred_irfft2, centred_rfft2, half_plane_frequencies
-from ..geometry import rotation_matrix, same_rows
+from ..geometry import rotation_matrix
 from .generator import CoordinateNetwork
 
 NYQUIST = 0.5  # cycles per pixel
@@ -100,12 +100,11 @@ def render_spectrum(
     box: int,
 ) -> torch.Tensor:
     """Spectrum values (B, P) complex of objects z at pose (theta, t) at frequencies freqs (P, 2)
-    (cycles per pixel of the model's box), t in pixels: G(R(-theta) k) exp(-2 pi i k.t)."""
+    (cycles per pixel of the model's box), t in pixels: G(R(-theta) k) exp(-2 pi i k.t).
+    theta (B,), or (1,) for one angle shared by the batch: the generator's features and first
+    layer then run once for all of it."""
     with torch.autocast(freqs.device.type, enabled=False):
-        theta = theta.float()
-        if len(theta) > 1 and same_rows(theta):
-            theta = theta[:1]  # one angle for the batch: the generator's first layer runs once
-        rinv = rotation_matrix(-theta)  # (B|1, 2, 2)
+        rinv = rotation_matrix(-theta.float())  # (B|1, 2, 2)
         u = 2 * torch.einsum("bij,pj->bpi", rinv, freqs.float())  # (B|1, P, 2) box units
     re, im = generator(u, z)
     with torch.autocast(freqs.device.type, enabled=False):

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..fourier import apply_ctf, fourier_pad
-from ..geometry import object_centroid, pixel_grid, same_rows, undo_pose
+from ..geometry import object_centroid, pixel_grid, undo_pose
 from .aligned import AlignedLatent
 from .config import ModelConfig
 from .consistency import pose_consistency
@@ -254,16 +254,16 @@ class TargetVAE(nn.Module):
     def render(
         self, z: torch.Tensor, theta: torch.Tensor, t: torch.Tensor, size: int | None = None
     ) -> torch.Tensor:
-        """Image means (B, size, size) of objects z at pose (theta, t) (t in pixels of `size`)."""
+        """Image means (B, size, size) of objects z (B, Z) at pose theta (B,) rad, t (B, 2) px of
+        `size`; theta (1,) and t (1, 2) pose the whole batch alike (the generator's features and
+        first layer then run once)."""
         size = size or self.cfg.box
         if self.band is not None:
             return render_spectral(self.generator, z, theta, t, self.cfg.box, size)
         p = pixel_grid(size, z.device).reshape(1, size * size, 2)
-        if len(z) > 1 and not (same_rows(theta) and same_rows(t)):
+        if len(theta) > 1 or len(t) > 1:
             p = p.expand(z.shape[0], -1, -1)  # else one pose: the first layer runs once
-        else:
-            theta, t = theta[:1], t[:1]
-        out = self.generator(pose_coordinates(p, theta, t, size), z).float()  # (B, P)
+        out = self.generator(pose_coordinates(p, theta, t, size), z).float()  # (B|1, P)
         return self.likelihood.mean(out).expand(len(z), -1).reshape(-1, size, size)
 
     def refine_templates(self, z: torch.Tensor) -> torch.Tensor:
@@ -271,10 +271,10 @@ class TargetVAE(nn.Module):
         twice the box, the same field of view. The Fourier renderer renders there exactly (its
         band ends at the model's Nyquist); the real-space one renders at the box and pads the
         spectrum (a quarter of the generator's evaluations; particles are sampled at the box)."""
-        zero, d = z.new_zeros(len(z)), self.cfg.box
+        zero, t0, d = z.new_zeros(1), z.new_zeros(1, 2), self.cfg.box  # one pose for the batch
         if self.band is not None:
-            return self.render(z, zero, z.new_zeros(len(z), 2), 2 * d)
-        return fourier_pad(self.render(z, zero, z.new_zeros(len(z), 2), d).float(), 2 * d)
+            return self.render(z, zero, t0, 2 * d)
+        return fourier_pad(self.render(z, zero, t0, d).float(), 2 * d)
 
     def template_centre(self, z: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """(B, 2) centroid (x, y) in pixels of each template at pose 0 (its object's centre).
